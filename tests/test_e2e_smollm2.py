@@ -1,0 +1,96 @@
+"""End to end with the real SmolLM2 target: real server and edge processes over loopback gRPC.
+
+20 prompts x 64 tokens, answered by two edge processes at once, must equal
+target-only greedy decoding token for token (fp32), and equal what an edge
+gets when it runs alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import reference_greedy
+
+from wisp_common.models import load_causal_lm
+from wisp_edge.cli import encode_prompt
+from wisp_server.launcher import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain photosynthesis to a ten-year-old.",
+    "List three benefits of regular exercise.",
+    "How do I boil an egg?",
+    "What is the difference between a virus and a bacterium?",
+    "Translate 'good morning' into Spanish and German.",
+    "Give me a recipe idea for a quick vegetarian dinner.",
+    "Why do cats purr?",
+    "Summarize the plot of Romeo and Juliet in two sentences.",
+    "What is 17 times 23?",
+    "Suggest a name for a bakery that sells only croissants.",
+    "How does a rainbow form?",
+    "Write a short motivational message for a student before an exam.",
+    "What are the primary colors?",
+    "Describe the water cycle.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain what a binary search is.",
+    "Who wrote Pride and Prejudice?",
+    "Give two tips for better sleep.",
+]
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(["--target-model", "smollm2-135m-instruct"], log_prefix=None) as process:
+        yield process
+
+
+def edge_command(address: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "wisp_edge.cli", "generate", "--server", address, "--threads", "1", *args]
+
+
+def batch_edge(address: str, prompts: list[str], tmp_path, name: str) -> subprocess.Popen:
+    prompts_file, output = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.out.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    args = ["--prompts-file", str(prompts_file), "--output", str(output), "--max-new-tokens", str(NEW_TOKENS)]
+    return subprocess.Popen(edge_command(address, *args, "--ignore-eos", "--draft-tokens", "3"))
+
+
+def answers(tmp_path, name: str) -> list[list[int]]:
+    lines = (tmp_path / f"{name}.out.jsonl").read_text().splitlines()
+    return [json.loads(line)["token_ids"] for line in lines]
+
+
+def test_two_edge_processes_at_once_are_lossless(server, tmp_path, smollm2_tokenizer):
+    edges = [batch_edge(server.address, PROMPTS[i::2], tmp_path, f"edge{i}") for i in range(2)]
+    assert [edge.wait(timeout=900) for edge in edges] == [0, 0]
+    alone = batch_edge(server.address, [PROMPTS[0], PROMPTS[3]], tmp_path, "alone")
+    assert alone.wait(timeout=600) == 0
+
+    target = load_causal_lm("smollm2-135m-instruct")
+    concurrent = {p: a for i in range(2) for p, a in zip(PROMPTS[i::2], answers(tmp_path, f"edge{i}"))}
+    assert len(concurrent) == len(PROMPTS)
+    for prompt in PROMPTS:
+        expected = reference_greedy(target, encode_prompt(smollm2_tokenizer, prompt, chat=True), NEW_TOKENS)
+        assert concurrent[prompt] == expected, prompt
+    assert answers(tmp_path, "alone") == [concurrent[PROMPTS[0]], concurrent[PROMPTS[3]]]
+
+
+def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
+    result = subprocess.run(
+        edge_command(server.address, "What is the capital of France?", "--max-new-tokens", "24"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tokens/s" in result.stderr and "finish: stop" in result.stderr
+    assert server.stop() == 0
+    assert any("shutting down" in line for line in server.log)

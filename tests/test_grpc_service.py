@@ -1,0 +1,165 @@
+"""The gRPC contract over real loopback sockets, with tiny models and the real tokenizer.
+
+Bad requests get a precise status and message, and never disturb the other
+sessions that the server is serving at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+from conftest import make_client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import reference_greedy
+
+from wisp_common.models import load_causal_lm, tokenizer_fingerprint
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+
+PROMPT = [1, 504, 3458, 282, 4649, 314, 5465, 47]
+
+
+@pytest.fixture(scope="module")
+def target_model(tiny_pair):
+    return load_causal_lm(tiny_pair[0])
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_server):
+    return pb_grpc.WispStub(grpc.insecure_channel(tiny_server[1]))
+
+
+def open_request(tokenizer, prompt=PROMPT, fingerprint=None, **stop) -> pb.SpeculateRequest:
+    return pb.SpeculateRequest(
+        open=pb.OpenSession(
+            draft_model=pb.ModelIdentity(
+                name="draft", tokenizer_fingerprint=fingerprint or tokenizer_fingerprint(tokenizer)
+            ),
+            prompt_token_ids=prompt,
+            stop=pb.StopCondition(max_new_tokens=stop.get("max_new_tokens", 16), ignore_eos=True),
+        )
+    )
+
+
+def draft_request(position: int, tokens: list[int]) -> pb.SpeculateRequest:
+    return pb.SpeculateRequest(draft=pb.DraftRound(position=position, token_ids=tokens))
+
+
+def call(stub, messages) -> list[pb.SpeculateResponse]:
+    return list(stub.Speculate(iter(messages), timeout=30))
+
+
+def refused(stub, messages) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(stub, messages)
+    return caught.value
+
+
+def test_server_info_and_health(stub, tiny_server, smollm2_tokenizer):
+    info = stub.GetServerInfo(pb.GetServerInfoRequest())
+    assert info.target_model.tokenizer_fingerprint == tokenizer_fingerprint(smollm2_tokenizer)
+    assert (info.engine, info.policy, info.max_draft_tokens, info.max_sessions) == ("hf", "fcfs", 6, 4)
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiny_server[1]))
+    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_full_session_commits_what_the_target_would(stub, smollm2_tokenizer, target_model):
+    reference = reference_greedy(target_model, PROMPT, 4)
+    drafts = [reference[0], reference[1], 7]  # two right, one wrong
+    responses = call(stub, [open_request(smollm2_tokenizer, max_new_tokens=4), draft_request(len(PROMPT), drafts)])
+    verdict = responses[1].verdict
+    assert (verdict.num_accepted, verdict.next_token, verdict.position) == (2, reference[2], len(PROMPT) + 3)
+    assert not verdict.finished and verdict.timings.batch_size >= 1
+    responses = call(
+        stub,
+        [open_request(smollm2_tokenizer, max_new_tokens=2), draft_request(len(PROMPT), reference[:3])],
+    )
+    verdict = responses[1].verdict  # room for two tokens: one draft is verified, then the target's own
+    assert (verdict.num_accepted, verdict.next_token, verdict.finished) == (1, reference[1], True)
+    assert verdict.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("wrong tokenizer", grpc.StatusCode.FAILED_PRECONDITION, "tokenizer mismatch"),
+        ("draft before open", grpc.StatusCode.FAILED_PRECONDITION, "unknown session"),
+        ("oversized draft", grpc.StatusCode.INVALID_ARGUMENT, "max_draft_tokens=6"),
+        ("token id out of range", grpc.StatusCode.INVALID_ARGUMENT, "outside the target's vocabulary"),
+        ("prompt id out of range", grpc.StatusCode.INVALID_ARGUMENT, "outside the target's vocabulary"),
+        ("wrong position", grpc.StatusCode.FAILED_PRECONDITION, "committed tokens"),
+        ("prompt too long", grpc.StatusCode.INVALID_ARGUMENT, "max_context_tokens=256"),
+        ("empty prompt", grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        ("second open", grpc.StatusCode.FAILED_PRECONDITION, "already open"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_clear_status(stub, smollm2_tokenizer, case, code, words):
+    good = open_request(smollm2_tokenizer)
+    messages = {
+        "wrong tokenizer": [open_request(smollm2_tokenizer, fingerprint="0123456789abcdef")],
+        "draft before open": [draft_request(0, [1])],
+        "oversized draft": [good, draft_request(len(PROMPT), [1] * 7)],
+        "token id out of range": [good, draft_request(len(PROMPT), [1, 49152])],
+        "prompt id out of range": [open_request(smollm2_tokenizer, prompt=[1, 2, 10**6])],
+        "wrong position": [good, draft_request(len(PROMPT) + 1, [1])],
+        "prompt too long": [open_request(smollm2_tokenizer, prompt=[1] * 256)],
+        "empty prompt": [open_request(smollm2_tokenizer, prompt=[])],
+        "second open": [good, good],
+    }[case]
+    error = refused(stub, messages)
+    assert error.code() == code
+    assert words in error.details()
+
+
+def test_session_limit_is_resource_exhausted_and_frees_on_close(tiny_server, stub, smollm2_tokenizer):
+    held = []
+    for _ in range(4):  # max_sessions
+        queue: list = []
+        event = threading.Event()
+
+        def requests(q=queue, e=event):
+            yield open_request(smollm2_tokenizer)
+            e.wait()
+
+        responses = stub.Speculate(requests())
+        next(responses)  # opened
+        held.append((responses, event))
+        queue.append(responses)
+    error = refused(stub, [open_request(smollm2_tokenizer)])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit of 4 sessions" in error.details()
+    for responses, event in held:
+        event.set()
+        list(responses)
+    assert call(stub, [open_request(smollm2_tokenizer)])[0].opened.session_id  # capacity is back
+
+
+def test_bad_clients_do_not_disturb_good_ones(tiny_server, tiny_pair, smollm2_tokenizer, target_model, stub):
+    """Two sessions generate while a third client keeps sending bad requests."""
+    prompts = [PROMPT, [1, 9690, 198, 2683, 314, 260, 3575, 30]]
+    results: dict[int, list[int]] = {}
+
+    def good(index: int) -> None:
+        client = make_client(tiny_server[1], tiny_pair[1], smollm2_tokenizer)
+        results[index] = client.generate(prompts[index], max_new_tokens=48, ignore_eos=True).token_ids
+
+    def bad() -> None:
+        for _ in range(10):
+            refused(stub, [open_request(smollm2_tokenizer), draft_request(len(PROMPT), [49152 + 5])])
+
+    threads = [threading.Thread(target=good, args=(i,)) for i in range(2)] + [threading.Thread(target=bad)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for index, prompt in enumerate(prompts):
+        assert results[index] == reference_greedy(target_model, prompt, 48)
+
+
+def test_generate_rpc_is_target_only_decoding(stub, target_model):
+    request = pb.GenerateRequest(prompt_token_ids=PROMPT, stop=pb.StopCondition(max_new_tokens=20, ignore_eos=True))
+    responses = list(stub.Generate(request, timeout=30))
+    tokens = [t for r in responses for t in r.token_ids]
+    assert tokens == reference_greedy(target_model, PROMPT, 20)
+    assert responses[-1].finished and responses[-1].finish_reason == pb.FINISH_REASON_LENGTH

@@ -1,0 +1,71 @@
+"""Stop conditions on commit, configuration precedence, and generated stubs that match the contract."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.request import SamplingParams, StopCondition
+from wisp_common.verification import Verification
+from wisp_server.session import Session
+
+ROOT = Path(__file__).resolve().parents[1]
+EOS = 2
+
+
+def session(max_new_tokens: int = 10, max_context: int = 100) -> Session:
+    return Session("s", 3, [5, 6, 7], SamplingParams(), StopCondition(max_new_tokens, frozenset({EOS})), max_context)
+
+
+@pytest.mark.parametrize(
+    ("drafts", "verification", "limit", "committed", "accepted", "next_token", "reason"),
+    [
+        ((8, 9), Verification(2, 10), 10, [8, 9, 10], 2, 10, pb.FINISH_REASON_UNSPECIFIED),
+        ((8, EOS, 9), Verification(3, 10), 10, [8, EOS], 2, None, pb.FINISH_REASON_STOP),
+        ((8, 9), Verification(1, EOS), 10, [8, EOS], 1, EOS, pb.FINISH_REASON_STOP),
+        ((8, 9), Verification(2, 10), 2, [8, 9], 2, None, pb.FINISH_REASON_LENGTH),
+        ((8, 9), Verification(2, 10), 3, [8, 9, 10], 2, 10, pb.FINISH_REASON_LENGTH),
+        ((8, 9, EOS), Verification(3, 10), 3, [8, 9, EOS], 3, None, pb.FINISH_REASON_STOP),
+    ],
+)
+def test_commit_applies_stop_tokens_and_length(drafts, verification, limit, committed, accepted, next_token, reason):
+    s = session(max_new_tokens=limit)
+    commit = s.commit(drafts, verification)
+    assert s.context[3:] == committed
+    assert (commit.num_accepted, commit.next_token, commit.finish_reason) == (accepted, next_token, reason)
+
+
+def test_context_limit_ends_a_session_like_max_new_tokens():
+    s = session(max_new_tokens=50, max_context=5)
+    commit = s.commit((8, 9, 10), Verification(3, 11))
+    assert s.context == [5, 6, 7, 8, 9] and commit.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_config_precedence_defaults_yaml_env_flags(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ServerConfig)
+    yaml_file = tmp_path / "server.yaml"
+    yaml_file.write_text("port: 7000\nmax_sessions: 3\nmax_draft_tokens: 5\n")
+    args = parser.parse_args(["--config", str(yaml_file), "--max-sessions", "9"])
+    config = config_from_args(ServerConfig, args, environ={"WISP_PORT": "7001", "WISP_MAX_SESSIONS": "8"})
+    assert (config.port, config.max_sessions, config.max_draft_tokens, config.policy) == (7001, 9, 5, "fcfs")
+    yaml_file.write_text("prot: 1\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        config_from_args(ServerConfig, parser.parse_args(["--config", str(yaml_file)]), environ={})
+
+
+def test_generated_stubs_match_the_proto(tmp_path):
+    """The committed stubs are what grpcio-tools makes of proto/ today (regenerate: make proto)."""
+    command = [sys.executable, "-m", "grpc_tools.protoc", "-Iwisp_common/proto=proto"]
+    command += [f"--{kind}_out={tmp_path}" for kind in ("python", "pyi", "grpc_python")]
+    subprocess.run([*command, "proto/wisp/v1/wisp.proto"], cwd=ROOT, check=True)
+    generated = tmp_path / "wisp_common/proto/wisp/v1"
+    for name in ("wisp_pb2.py", "wisp_pb2.pyi", "wisp_pb2_grpc.py"):
+        committed = ROOT / "wisp_common/proto/wisp/v1" / name
+        assert committed.read_text() == (generated / name).read_text(), f"{name} is stale: run `make proto`"

@@ -1,0 +1,132 @@
+"""All configuration, typed, in one place.
+
+Each daemon has one dataclass. Values come, in rising priority, from the
+field defaults, a YAML file (``--config``), ``WISP_*`` environment variables and
+command-line flags; `load_config` builds the flags from the dataclass itself so
+the three sources can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+DEFAULT_DRAFT = "smollm2-135m-slice-draft"
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ServerConfig:
+    """The verification server (`wisp-server`)."""
+
+    target_model: str = _opt(DEFAULT_TARGET, "target model: a WISP model name, HF id or local path")
+    engine: str = _opt("hf", "verification engine backend", ("hf",))
+    policy: str = _opt("fcfs", "batch scheduling policy", ("fcfs",))
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    dtype: str = _opt("float32", "target weights and activations", ("float32", "bfloat16", "float16"))
+    device: str = _opt("cpu", "torch device for the hf engine (cpu, cuda, cuda:1, ...)")
+    threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    max_sessions: int = _opt(64, "concurrent sessions admitted")
+    max_draft_tokens: int = _opt(8, "drafts accepted per round")
+    max_context_tokens: int = _opt(2048, "prompt plus generated tokens per session")
+    max_batch_sessions: int = _opt(16, "sessions verified in one batch")
+    max_batch_tokens: int = _opt(1024, "new tokens (context tail plus drafts) in one batch")
+    default_max_new_tokens: int = _opt(256, "used when a request does not set max_new_tokens")
+
+
+@dataclass
+class EdgeConfig:
+    """The edge daemon and CLI (`wisp-edge`)."""
+
+    server: str = _opt("127.0.0.1:50051", "verification server address host:port")
+    draft_model: str = _opt(DEFAULT_DRAFT, "draft model: a WISP model name, HF id or local path")
+    draft_tokens: int = _opt(4, "drafts per round (speculation length)")
+    dtype: str = _opt("float32", "draft weights and activations", ("float32", "bfloat16", "float16"))
+    device: str = _opt("cpu", "torch device for the draft model")
+    threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    device_id: str = _opt("", "name this device reports to the server (default: host name)")
+    device_kind: str = _opt("laptop", "device profile: jetson-orin-nano, raspberry-pi-5, laptop")
+    max_new_tokens: int = _opt(128, "tokens to generate")
+    temperature: float = _opt(0.0, "sampling temperature (0: greedy)")
+    top_p: float = _opt(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = _opt(0, "top-k sampling (0: off)")
+    ignore_eos: bool = _opt(False, "keep generating past the end-of-sequence token")
+    seed: int = _opt(0, "sampling seed (0: random)")
+    ttft_slo: float = _opt(2.0, "time-to-first-token target, seconds")
+    tpot_slo: float = _opt(0.25, "time-per-output-token target, seconds")
+    chat: bool = _opt(True, "wrap prompts in the model's chat template")
+
+
+C = TypeVar("C")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    kind = _field_types(cls)[name]
+    if kind is bool:
+        return value if isinstance(value, bool) else _parse_bool(str(value))
+    return kind(value)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Adds one ``--flag`` per field of ``cls``; unset flags stay ``None``."""
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_types(cls)[f.name]
+        env = f"WISP_{f.name.upper()}"
+        help_text = f"{f.metadata['help']} (default: {f.default}; env {env})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, choices=f.metadata["choices"], help=help_text)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, environ: dict[str, str] | None = None) -> C:
+    """Builds ``cls`` from defaults < YAML file < WISP_* environment < flags."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        unknown = set(loaded) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown option(s) {sorted(unknown)}")
+        values.update({k: _coerce(cls, k, v) for k, v in loaded.items()})
+    for f in dataclasses.fields(cls):
+        env = environ.get(f"WISP_{f.name.upper()}")
+        if env is not None:
+            values[f.name] = _coerce(cls, f.name, env)
+        flag = getattr(args, f.name, None)
+        if flag is not None:
+            values[f.name] = flag
+    config = cls(**values)
+    for f in dataclasses.fields(cls):
+        choices = f.metadata["choices"]
+        if choices and getattr(config, f.name) not in choices:
+            raise SystemExit(f"{f.name} must be one of {choices}, not {getattr(config, f.name)!r}")
+    return config

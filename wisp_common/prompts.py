@@ -1,0 +1,30 @@
+"""Prompt files: plain JSONL, MT-Bench question files and ShareGPT-style dumps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _prompt_of(record: dict) -> str | None:
+    if isinstance(record.get("prompt"), str):
+        return record["prompt"]
+    if isinstance(record.get("turns"), list) and record["turns"]:  # MT-Bench: first turn
+        return record["turns"][0]
+    for turn in record.get("conversations", []):  # ShareGPT: first human turn
+        if turn.get("from") in ("human", "user"):
+            return turn.get("value")
+    return None
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """First-turn prompts from a JSONL file (``prompt``, ``turns`` or ``conversations``) or a ShareGPT JSON list."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    prompts = [p for p in map(_prompt_of, records) if p]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found (expected 'prompt', 'turns' or 'conversations' fields)")
+    return prompts[:limit]

@@ -1,0 +1,162 @@
+"""`wisp-edge`: the edge command line.
+
+    wisp-edge generate "What is the capital of France?"
+    wisp-edge generate --prompts-file questions.jsonl --output answers.jsonl
+    wisp-edge info
+
+`generate` drafts locally, verifies on the server and streams the committed
+text as it arrives; a one-line summary follows on stderr. With a prompts
+file it answers each prompt in turn and writes token ids, text and
+statistics as JSONL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from collections.abc import Callable
+
+import grpc
+
+from wisp_common.config import EdgeConfig, add_config_arguments, config_from_args
+from wisp_common.prompts import load_prompts
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.request import SamplingParams, Slo
+
+
+class TextStream:
+    """Turns committed token ids into printable text, holding back half-decoded characters."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.write = write
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def __call__(self, new_tokens: list[int]) -> None:
+        self.tokens += new_tokens
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return
+        self.write(text[self.printed :])
+        self.printed = len(text)
+
+
+def build_client(config: EdgeConfig):
+    """Loads the draft model and connects; imports torch lazily so `--help` stays fast."""
+    import torch
+    import transformers
+
+    from wisp_common.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from wisp_edge.client import EdgeClient
+    from wisp_edge.drafter import Drafter
+
+    transformers.utils.logging.disable_progress_bar()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(config.draft_model)
+    model = load_causal_lm(config.draft_model, config.dtype, config.device)
+    identity = pb.ModelIdentity(
+        name=config.draft_model,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=model.config.vocab_size,
+    )
+    device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=config.device_kind)
+    channel = grpc.insecure_channel(config.server)
+    return EdgeClient(channel, Drafter(model, sampling_of(config)), identity, device), tokenizer
+
+
+def sampling_of(config: EdgeConfig) -> SamplingParams:
+    return SamplingParams(config.temperature, config.top_p, config.top_k, config.seed)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def cmd_generate(config: EdgeConfig, args: argparse.Namespace) -> int:
+    if args.prompts_file:
+        prompts = load_prompts(args.prompts_file, args.limit)
+    elif args.prompt is None:
+        raise SystemExit("wisp-edge generate: give a prompt, - for stdin, or --prompts-file")
+    else:
+        prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
+    client, tokenizer = build_client(config)
+    output = open(args.output, "w") if args.output else None
+    try:
+        for index, prompt in enumerate(prompts):
+            if len(prompts) > 1:
+                print(f"--- [{index + 1}/{len(prompts)}] {prompt[:70]!r}", file=sys.stderr, flush=True)
+            stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
+            result = client.generate(
+                encode_prompt(tokenizer, prompt, config.chat),
+                max_new_tokens=config.max_new_tokens,
+                draft_tokens=config.draft_tokens,
+                sampling=sampling_of(config),
+                ignore_eos=config.ignore_eos,
+                slo=Slo(config.ttft_slo, config.tpot_slo),
+                on_tokens=stream,
+            )
+            print(flush=True)
+            summary = {"finish_reason": result.finish_reason, **result.stats.summary()}
+            print(json.dumps(summary) if args.summary_json else _describe(summary), file=sys.stderr, flush=True)
+            if output:
+                record = {"prompt": prompt, "text": tokenizer.decode(result.token_ids, skip_special_tokens=True)}
+                output.write(json.dumps({**record, "token_ids": result.token_ids, **summary}) + "\n")
+                output.flush()
+    finally:
+        if output:
+            output.close()
+    return 0
+
+
+def _describe(s: dict) -> str:
+    return (
+        f"[{s['tokens']} tokens in {s['rounds']} rounds, acceptance {s['acceptance_rate']:.0%}, "
+        f"{s['tokens_per_round']:.2f} tokens/round, {s['tokens_per_second']:.1f} tokens/s, "
+        f"TTFT {s['ttft_seconds'] * 1000:.0f} ms, finish: {s['finish_reason']}]"
+    )
+
+
+def cmd_info(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.WispStub(grpc.insecure_channel(config.server))
+    info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    print(info)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wisp-edge", description="WISP edge: draft locally, verify on the server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="generate text for a prompt, streamed as it is committed")
+    generate.add_argument("prompt", nargs="?", help="the prompt text, or - to read it from stdin")
+    generate.add_argument("--prompts-file", help="JSONL (prompt / MT-Bench turns / ShareGPT) of prompts to answer")
+    generate.add_argument("--limit", type=int, help="answer only the first N prompts of --prompts-file")
+    generate.add_argument("--output", help="write one JSON line per answer: text, token ids, statistics")
+    generate.add_argument("--summary-json", action="store_true", help="print each summary as JSON on stderr")
+    info = commands.add_parser("info", help="show the server's target model and limits")
+    for sub in (generate, info):
+        add_config_arguments(sub, EdgeConfig)
+    args = parser.parse_args(argv)
+    config = config_from_args(EdgeConfig, args)
+    handler = {"generate": cmd_generate, "info": cmd_info}[args.command]
+    try:
+        return handler(config, args)
+    except grpc.RpcError as error:
+        print(f"\nwisp-edge: server said {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nwisp-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

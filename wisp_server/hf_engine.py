@@ -1,0 +1,133 @@
+"""`hf` backend: the target model through transformers, with exact per-session KV.
+
+Each session keeps its own per-layer key/value tensors. A round left-pads the
+sessions' caches to a common length, right-pads their new tokens, and runs
+one forward pass with an attention mask that hides the padding; positions are
+given explicitly so each session sees its own. Afterwards each session keeps
+exactly the KV of its committed prefix, so nothing is ever recomputed.
+
+This backend runs wherever transformers does; the vLLM backend replaces the
+copying with a paged cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from wisp_common.request import SamplingParams
+from wisp_common.verification import Verification, verify
+from wisp_server.engine import EngineInfo, RoundRequest, VerificationEngine
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [1, heads, tokens, dim]
+
+
+@dataclass
+class _Session:
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    pending: list[int]  # committed tokens whose KV is not cached yet
+    kv: KV | None = None
+    cached: int = 0  # tokens in kv
+
+
+class HFVerificationEngine(VerificationEngine):
+    name = "hf"
+
+    def __init__(self, model: PreTrainedModel, info: EngineInfo):
+        self.model = model
+        self.info = info
+        self.device = next(model.parameters()).device
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+
+    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams) -> None:
+        if not context:
+            raise ValueError("a session needs at least one context token")
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator(device=self.device)
+            if sampling.seed:
+                generator.manual_seed(sampling.seed)
+            else:
+                generator.seed()
+        with self._lock:
+            self._sessions[session_id] = _Session(sampling, generator, list(context))
+
+    def remove_session(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
+    def uncached_tokens(self, session_id: str) -> int:
+        with self._lock:
+            return len(self._sessions[session_id].pending)
+
+    @torch.inference_mode()
+    def verify(self, batch: Sequence[RoundRequest]) -> list[Verification]:
+        with self._lock:
+            sessions = [self._sessions[r.session_id] for r in batch]
+        inputs = [s.pending + list(r.drafts) for s, r in zip(sessions, batch)]
+        past = max(s.cached for s in sessions)
+        width = max(len(x) for x in inputs)
+        rows = len(batch)
+
+        input_ids = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, past + width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        for i, (s, tokens) in enumerate(zip(sessions, inputs)):
+            input_ids[i, : len(tokens)] = torch.tensor(tokens)
+            mask[i, past - s.cached : past + len(tokens)] = 1
+            positions[i] = torch.arange(s.cached, s.cached + width)
+        cache = DynamicCache(ddp_cache_data=self._padded_cache(sessions, past)) if past else None
+
+        hidden = self.model.base_model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        # Only the rows at the drafts' positions go through the (large) output head.
+        starts = [len(s.pending) - 1 for s in sessions]
+        picked = torch.cat([hidden.last_hidden_state[i, start : len(inputs[i])] for i, start in enumerate(starts)])
+        logits = self.model.get_output_embeddings()(picked)
+
+        results: list[Verification] = []
+        offset = 0
+        new_cache = hidden.past_key_values
+        for i, (s, r) in enumerate(zip(sessions, batch)):
+            n_rows = len(r.drafts) + 1
+            result = verify(logits[offset : offset + n_rows], r.drafts, s.sampling, s.generator)
+            offset += n_rows
+            keep = len(s.pending) + result.num_accepted  # new tokens whose KV stays valid
+            s.kv = [
+                (
+                    layer.keys[i : i + 1, :, past - s.cached : past + keep].clone(),
+                    layer.values[i : i + 1, :, past - s.cached : past + keep].clone(),
+                )
+                for layer in new_cache.layers
+            ]
+            s.cached += keep
+            s.pending = [result.next_token]
+            results.append(result)
+        return results
+
+    @staticmethod
+    def _padded_cache(sessions: Sequence[_Session], past: int) -> KV:
+        """Stacks the sessions' KV into one batch, left-padded with zeros to ``past`` tokens."""
+        reference = next(s.kv for s in sessions if s.kv is not None)
+        layers: KV = []
+        for layer, (ref_k, _) in enumerate(reference):
+            empty = ref_k[:, :, :0]  # a session's first round has no KV yet
+            keys, values = [], []
+            for s in sessions:
+                k, v = s.kv[layer] if s.kv is not None else (empty, empty)
+                pad = past - s.cached
+                keys.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+                values.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return layers

@@ -1,0 +1,111 @@
+"""`wisp-server`: loads the target, starts the scheduler and serves gRPC until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+from wisp_server.engine import VerificationEngine
+from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler
+from wisp_server.service import WispService
+
+log = logging.getLogger("wisp_server")
+
+
+def build_engine(config: ServerConfig) -> VerificationEngine:
+    import torch
+    import transformers
+
+    from wisp_common.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from wisp_server.engine import EngineInfo
+    from wisp_server.hf_engine import HFVerificationEngine
+
+    transformers.utils.logging.disable_progress_bar()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    tokenizer = load_tokenizer(config.target_model)
+    model = load_causal_lm(config.target_model, config.dtype, config.device)
+    info = EngineInfo(
+        model_name=config.target_model,
+        vocab_size=model.config.vocab_size,
+        eos_token_id=tokenizer.eos_token_id,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+    return HFVerificationEngine(model, info)
+
+
+class WispServer:
+    """The engine, the scheduler and the gRPC server, started and stopped together."""
+
+    def __init__(self, config: ServerConfig, engine: VerificationEngine):
+        self.config = config
+        limits = BatchLimits(config.max_batch_sessions, config.max_batch_tokens)
+        self.scheduler = BatchScheduler(engine, POLICIES[config.policy](), limits)
+        # One thread per open stream: handlers block while their round is verified.
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8))
+        pb_grpc.add_WispServicer_to_server(WispService(config, engine, self.scheduler), self._grpc)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        services = (pb.DESCRIPTOR.services_by_name["Wisp"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(services, self._grpc)
+        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
+
+    def start(self) -> None:
+        self.scheduler.start()
+        self._grpc.start()
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self._grpc.stop(grace).wait()
+        self.scheduler.stop()
+
+    def wait(self) -> None:
+        self._grpc.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wisp-server",
+        description="WISP verification server: verifies edge drafts against the target model.",
+    )
+    add_config_arguments(parser, ServerConfig)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(ServerConfig, args)
+
+    started = time.monotonic()
+    log.info("loading target %s (%s engine, %s, %s)", config.target_model, config.engine, config.dtype, config.device)
+    server = WispServer(config, build_engine(config))
+    server.start()
+    # Scripts and tests wait for this line; with --port 0 it is the only way to learn the port.
+    print(
+        f"WISP server listening on {config.host}:{server.port} (ready in {time.monotonic() - started:.1f}s)", flush=True
+    )
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: finishing in-flight rounds")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The gRPC service: the contract in proto/wisp/v1/wisp.proto, enforced.
+
+Each Speculate stream is one session. Its handler validates every message,
+hands rounds to the `BatchScheduler` and turns results into verdicts. A bad
+message ends only its own stream, with a status code and a message a person
+can act on; other sessions never notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+from wisp_common import __version__
+from wisp_common.config import ServerConfig
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+from wisp_common.request import SamplingParams, Slo, StopCondition
+from wisp_server.engine import RoundRequest, VerificationEngine
+from wisp_server.scheduler import BatchScheduler, SchedulerStopped
+from wisp_server.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class WispService(pb_grpc.WispServicer):
+    def __init__(self, config: ServerConfig, engine: VerificationEngine, scheduler: BatchScheduler):
+        self.config = config
+        self.engine = engine
+        self.scheduler = scheduler
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    # --- RPCs -----------------------------------------------------------------
+
+    def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        return pb.ServerInfo(
+            target_model=self._target_identity(),
+            engine=self.engine.name,
+            policy=self.scheduler.policy.name,
+            max_draft_tokens=self.config.max_draft_tokens,
+            max_context_tokens=self.config.max_context_tokens,
+            max_sessions=self.config.max_sessions,
+            version=__version__,
+        )
+
+    def Speculate(
+        self, request_iterator: Iterator[pb.SpeculateRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SpeculateResponse]:
+        session = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("kind") != "open":
+                raise RequestError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "unknown session: a Speculate stream must start with an `open` message",
+                )
+            session = self._open(first.open)
+            yield pb.SpeculateResponse(
+                opened=pb.SessionOpened(
+                    session_id=session.session_id,
+                    target_model=self._target_identity(),
+                    position=len(session.context),
+                    max_draft_tokens=self.config.max_draft_tokens,
+                )
+            )
+            for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "close":
+                    return
+                if kind != "draft":
+                    raise RequestError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"session {session.session_id} is already open; send `draft` or `close`",
+                    )
+                verdict = self._verify_round(session, message.draft)
+                yield pb.SpeculateResponse(verdict=verdict)
+                if verdict.finished:
+                    return
+        except RequestError as error:
+            context.abort(error.code, str(error))
+        finally:
+            if session is not None:
+                self._close(session)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        """Target-only autoregressive decoding: every round is an empty draft."""
+        session = None
+        try:
+            session = self._start_session(
+                list(request.prompt_token_ids), [], request.sampling, request.stop, request.slo
+            )
+            while True:
+                verdict = self._verify_round(session, pb.DraftRound(position=len(session.context)))
+                yield pb.GenerateResponse(
+                    token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
+                    finished=verdict.finished,
+                    finish_reason=verdict.finish_reason,
+                )
+                if verdict.finished or not context.is_active():
+                    return
+        except RequestError as error:
+            context.abort(error.code, str(error))
+        finally:
+            if session is not None:
+                self._close(session)
+
+    # --- sessions ---------------------------------------------------------------
+
+    def _target_identity(self) -> pb.ModelIdentity:
+        info = self.engine.info
+        return pb.ModelIdentity(
+            name=info.model_name,
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+            vocab_size=info.vocab_size,
+        )
+
+    def _open(self, open_msg: pb.OpenSession) -> Session:
+        draft = open_msg.draft_model
+        target = self.engine.info
+        if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"tokenizer mismatch: draft model {draft.name!r} has tokenizer fingerprint "
+                f"{draft.tokenizer_fingerprint!r} but target {target.model_name!r} has "
+                f"{target.tokenizer_fingerprint!r}; use a draft that shares the target's tokenizer",
+            )
+        return self._start_session(
+            list(open_msg.prompt_token_ids),
+            list(open_msg.committed_token_ids),
+            open_msg.sampling,
+            open_msg.stop,
+            open_msg.slo,
+        )
+
+    def _start_session(
+        self, prompt: list[int], committed: list[int], sampling: pb.SamplingParams, stop: pb.StopCondition, slo: pb.Slo
+    ) -> Session:
+        if not prompt:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; send at least one token")
+        self._check_token_ids(prompt + committed, "prompt")
+        params = SamplingParams.from_proto(sampling)
+        try:
+            params.validate()
+        except ValueError as error:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        session = Session(
+            session_id=uuid.uuid4().hex,
+            prompt_len=len(prompt),
+            context=prompt + committed,
+            sampling=params,
+            stop=StopCondition.from_proto(stop, self.engine.info.eos_token_id, self.config.default_max_new_tokens),
+            max_context_tokens=self.config.max_context_tokens,
+            slo=Slo.from_proto(slo),
+        )
+        if len(session.context) >= self.config.max_context_tokens:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"context of {len(session.context)} tokens leaves no room under the server's "
+                f"max_context_tokens={self.config.max_context_tokens}; shorten the prompt",
+            )
+        if session.room <= 0:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens is already reached")
+        with self._lock:
+            if len(self._sessions) >= self.config.max_sessions:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is at its limit of {self.config.max_sessions} sessions; retry later",
+                )
+            self._sessions[session.session_id] = session
+        self.engine.add_session(session.session_id, session.context, params)
+        return session
+
+    def _close(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.session_id, None)
+        self.engine.remove_session(session.session_id)
+
+    def _check_token_ids(self, tokens: list[int], what: str) -> None:
+        vocab = self.engine.info.vocab_size
+        bad = [t for t in tokens if t >= vocab]
+        if bad:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} has token ids outside the target's vocabulary of {vocab}: {bad[:5]}",
+            )
+
+    def _verify_round(self, session: Session, draft: pb.DraftRound) -> pb.Verdict:
+        if draft.position != len(session.context):
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"draft round {draft.round} follows position {draft.position}, but session "
+                f"{session.session_id} has {len(session.context)} committed tokens",
+            )
+        if len(draft.token_ids) > self.config.max_draft_tokens:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"draft of {len(draft.token_ids)} tokens exceeds the server's max_draft_tokens="
+                f"{self.config.max_draft_tokens} (see GetServerInfo)",
+            )
+        self._check_token_ids(list(draft.token_ids), "draft")
+        # Drafts beyond the session's room could never be committed; don't verify them.
+        drafts = tuple(draft.token_ids)[: max(session.room - 1, 0)]
+        try:
+            result = self.scheduler.submit(RoundRequest(session.session_id, drafts)).result()
+        except SchedulerStopped as error:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        except Exception as error:
+            log.exception("round of session %s failed", session.session_id)
+            raise RequestError(grpc.StatusCode.INTERNAL, f"verification failed: {error}") from None
+        commit = session.commit(drafts, result.verification)
+        verdict = pb.Verdict(
+            round=draft.round,
+            num_accepted=commit.num_accepted,
+            finished=commit.finished,
+            finish_reason=commit.finish_reason,
+            position=len(session.context),
+            timings=pb.Timings(
+                queue_seconds=result.queue_seconds,
+                verify_seconds=result.verify_seconds,
+                batch_size=result.batch_size,
+            ),
+            hints=pb.Hints(active_sessions=len(self._sessions)),
+        )
+        if commit.next_token is not None:
+            verdict.next_token = commit.next_token
+        return verdict
