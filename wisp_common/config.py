@@ -29,13 +29,14 @@ class ServerConfig:
     """The verification server (`wisp-server`)."""
 
     target_model: str = _opt(DEFAULT_TARGET, "target model: a WISP model name, HF id or local path")
-    engine: str = _opt("hf", "verification engine backend", ("hf",))
+    engine: str = _opt("auto", "verification engine backend (auto: vllm where it is installed)", ("auto", "vllm", "hf"))
     policy: str = _opt("fcfs", "batch scheduling policy", ("fcfs",))
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     dtype: str = _opt("float32", "target weights and activations", ("float32", "bfloat16", "float16"))
     device: str = _opt("cpu", "torch device for the hf engine (cpu, cuda, cuda:1, ...)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    kv_cache_gib: float = _opt(2.0, "vllm engine: memory for the paged KV cache, GiB")
     max_sessions: int = _opt(64, "concurrent sessions admitted")
     max_draft_tokens: int = _opt(8, "drafts accepted per round")
     max_context_tokens: int = _opt(2048, "prompt plus generated tokens per session")

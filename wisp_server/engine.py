@@ -34,13 +34,21 @@ class RoundRequest:
     drafts: tuple[int, ...]
 
 
+class EngineFull(Exception):
+    """The engine cannot hold another session now (its KV cache is committed)."""
+
+
 class VerificationEngine(ABC):
     name: str
     info: EngineInfo
 
     @abstractmethod
-    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams) -> None:
-        """Registers a session whose committed context (prompt and generated tokens) is ``context``."""
+    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+        """Registers a session whose committed context (prompt and generated tokens) is ``context``.
+
+        ``max_tokens`` bounds the session's context for its whole life; an engine
+        with a bounded KV cache reserves room for it or raises `EngineFull`.
+        """
 
     @abstractmethod
     def remove_session(self, session_id: str) -> None:

@@ -45,7 +45,7 @@ class HFVerificationEngine(VerificationEngine):
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
 
-    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams) -> None:
+    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")
         generator = None

