@@ -60,7 +60,7 @@ def refused(stub, messages) -> grpc.RpcError:
 def test_server_info_and_health(stub, tiny_server, smollm2_tokenizer):
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.target_model.tokenizer_fingerprint == tokenizer_fingerprint(smollm2_tokenizer)
-    assert (info.engine, info.policy, info.max_draft_tokens, info.max_sessions) == ("hf", "fcfs", 6, 4)
+    assert (info.engine, info.policy, info.max_draft_tokens, info.max_sessions) == ("hf", "wisp", 6, 4)
     health = health_pb2_grpc.HealthStub(grpc.insecure_channel(tiny_server[1]))
     assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
 

@@ -54,7 +54,7 @@ def test_config_precedence_defaults_yaml_env_flags(tmp_path):
     yaml_file.write_text("port: 7000\nmax_sessions: 3\nmax_draft_tokens: 5\n")
     args = parser.parse_args(["--config", str(yaml_file), "--max-sessions", "9"])
     config = config_from_args(ServerConfig, args, environ={"WISP_PORT": "7001", "WISP_MAX_SESSIONS": "8"})
-    assert (config.port, config.max_sessions, config.max_draft_tokens, config.policy) == (7001, 9, 5, "fcfs")
+    assert (config.port, config.max_sessions, config.max_draft_tokens, config.policy) == (7001, 9, 5, "wisp")
     yaml_file.write_text("prot: 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         config_from_args(ServerConfig, parser.parse_args(["--config", str(yaml_file)]), environ={})

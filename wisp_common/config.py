@@ -30,7 +30,7 @@ class ServerConfig:
 
     target_model: str = _opt(DEFAULT_TARGET, "target model: a WISP model name, HF id or local path")
     engine: str = _opt("auto", "verification engine backend (auto: vllm where it is installed)", ("auto", "vllm", "hf"))
-    policy: str = _opt("fcfs", "batch scheduling policy", ("fcfs",))
+    policy: str = _opt("wisp", "batch scheduling policy", ("wisp", "sled", "fcfs"))
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     dtype: str = _opt("float32", "target weights and activations", ("float32", "bfloat16", "float16"))
@@ -43,6 +43,10 @@ class ServerConfig:
     max_batch_sessions: int = _opt(16, "sessions verified in one batch")
     max_batch_tokens: int = _opt(1024, "new tokens (context tail plus drafts) in one batch")
     default_max_new_tokens: int = _opt(256, "used when a request does not set max_new_tokens")
+    profile_estimator: bool = _opt(True, "time a grid of batches at start-up to seed the verification time estimator")
+    sled_window: float = _opt(0.05, "sled policy: seconds the oldest round may wait for a full batch")
+    wisp_urgency: float = _opt(0.05, "wisp policy: slack (seconds) under which a round is urgent")
+    wisp_max_wait: float = _opt(1.0, "wisp policy: seconds after which any waiting round goes first")
 
 
 @dataclass

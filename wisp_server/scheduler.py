@@ -2,8 +2,18 @@
 
 gRPC handler threads `submit` rounds and wait on a future; one engine thread
 asks the scheduling policy which waiting rounds form the next batch, runs
-the engine on it and resolves the futures. The engine is only ever driven from
-that one thread.
+the engine on it, feeds the `VerificationTimeEstimator` the batch's real time
+and resolves the futures. The engine is only ever driven from that thread.
+
+Policies are plug-ins behind `SchedulingPolicy`, so the baselines run the
+same code paths as WISP:
+
+* `fcfs`: arrival order, as large a batch as the limits allow;
+* `sled`: static batching as in SLED: wait until a fixed number of rounds
+  are waiting or the oldest has waited a fixed window, then take them in order;
+* `wisp`: SLO-aware. Least slack first among the urgent, then fill by
+  expected committed tokens per unit of estimated time, and launch only a
+  batch the estimator says finishes inside its members' deadlines.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from dataclasses import dataclass, field
 
 from wisp_common.verification import Verification
 from wisp_server.engine import RoundRequest, VerificationEngine
+from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +43,12 @@ class BatchLimits:
     max_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two rounds are never "the same round"
 class PendingRound:
     request: RoundRequest
-    new_tokens: int  # uncached context tokens plus drafts: what the round computes
+    shape: SequenceShape
+    deadline: float = float("inf")  # monotonic time by which the session needs its next token
+    expected_tokens: float = 1.0  # tokens this round is expected to commit
     arrival: float = field(default_factory=time.monotonic)
     future: Future[RoundResult] = field(default_factory=Future)
 
@@ -48,42 +61,128 @@ class RoundResult:
     batch_size: int
 
 
+def within_limits(batch: Sequence[PendingRound], candidate: PendingRound, limits: BatchLimits) -> bool:
+    """Whether ``candidate`` fits beside ``batch``; a lone round always fits, however large."""
+    if not batch:
+        return True
+    tokens = sum(p.shape.new_tokens for p in batch) + candidate.shape.new_tokens
+    return len(batch) < limits.max_sessions and tokens <= limits.max_tokens
+
+
 class SchedulingPolicy(ABC):
-    """Chooses the next batch from the rounds waiting; baselines and WISP plug in here."""
+    """Chooses the next batch from the rounds waiting."""
 
     name: str
 
+    def __init__(self, limits: BatchLimits, estimator: VerificationTimeEstimator):
+        self.limits = limits
+        self.estimator = estimator
+
     @abstractmethod
-    def select(self, waiting: Sequence[PendingRound], limits: BatchLimits) -> list[PendingRound]:
-        """Returns a non-empty subset of ``waiting`` within ``limits`` (or all if one alone exceeds them)."""
+    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+        """A subset of ``waiting`` within the limits; empty means "not yet": ask again after `retry_after`."""
+
+    def retry_after(self, waiting: Sequence[PendingRound], now: float) -> float:
+        return 0.001
 
 
 class FCFSPolicy(SchedulingPolicy):
-    """Arrival order, as many rounds as the limits allow."""
-
     name = "fcfs"
 
-    def select(self, waiting: Sequence[PendingRound], limits: BatchLimits) -> list[PendingRound]:
+    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
         batch: list[PendingRound] = []
-        tokens = 0
         for pending in sorted(waiting, key=lambda p: p.arrival):
-            if len(batch) == limits.max_sessions:
-                break
-            if batch and tokens + pending.new_tokens > limits.max_tokens:
+            if not within_limits(batch, pending, self.limits):
                 break
             batch.append(pending)
-            tokens += pending.new_tokens
         return batch
 
 
-POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFSPolicy,)}
+class SLEDPolicy(FCFSPolicy):
+    """Static batching: a full batch, or whatever is waiting once the oldest has waited `window` seconds."""
+
+    name = "sled"
+
+    def __init__(self, limits: BatchLimits, estimator: VerificationTimeEstimator, window: float = 0.05):
+        super().__init__(limits, estimator)
+        self.window = window
+
+    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+        oldest = min(p.arrival for p in waiting)
+        if len(waiting) < self.limits.max_sessions and now - oldest < self.window:
+            return []
+        return super().select(waiting, now)
+
+    def retry_after(self, waiting: Sequence[PendingRound], now: float) -> float:
+        return max(0.0005, self.window - (now - min(p.arrival for p in waiting)))
+
+
+class WispPolicy(SchedulingPolicy):
+    """SLO-aware batching (WISP §5).
+
+    A round is *urgent* when its slack (deadline minus now minus its estimated
+    time alone) is under ``urgency`` seconds, and *late* when its deadline has
+    passed. Urgent rounds go first, earliest deadline first. The remaining room
+    is filled by value density: expected committed tokens per second of
+    marginal estimated time, on-time rounds before late ones, so a round that
+    can no longer make its deadline never displaces one that still can. A
+    round that has waited ``max_wait`` seconds is admitted first whatever its
+    state, so nothing starves. Before launch, non-urgent members whose
+    presence would push the batch past an on-time member's deadline are
+    taken out again.
+    """
+
+    name = "wisp"
+
+    def __init__(
+        self,
+        limits: BatchLimits,
+        estimator: VerificationTimeEstimator,
+        urgency: float = 0.05,
+        max_wait: float = 1.0,
+    ):
+        super().__init__(limits, estimator)
+        self.urgency = urgency
+        self.max_wait = max_wait
+
+    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+        estimate, cost = self.estimator.estimate, self.estimator.sequence_cost
+        starving = sorted((p for p in waiting if now - p.arrival >= self.max_wait), key=lambda p: p.arrival)
+        urgent = sorted(
+            (p for p in waiting if p.deadline >= now and p.deadline - now - estimate([p.shape]) < self.urgency),
+            key=lambda p: p.deadline,
+        )
+        batch: list[PendingRound] = []
+        for pending in starving + urgent:
+            if pending not in batch and within_limits(batch, pending, self.limits):
+                batch.append(pending)
+        protected = list(batch)
+
+        # The estimator is linear, so a round's marginal time, and hence its value density, is the same in any batch.
+        density = {id(p): p.expected_tokens / cost(p.shape) for p in waiting}
+        rest = sorted((p for p in waiting if p not in batch), key=lambda p: (p.deadline < now, -density[id(p)]))
+        for pending in rest:
+            if within_limits(batch, pending, self.limits):
+                batch.append(pending)
+
+        # Launch only what finishes in time for its on-time members: shed the least valuable extras first.
+        while True:
+            finish = now + estimate([p.shape for p in batch])
+            missed = any(now <= p.deadline < finish for p in batch)
+            removable = [p for p in batch if p not in protected]
+            if not missed or not removable:
+                return batch
+            batch.remove(min(removable, key=lambda p: density[id(p)]))
+
+
+POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFSPolicy, SLEDPolicy, WispPolicy)}
 
 
 class BatchScheduler:
-    def __init__(self, engine: VerificationEngine, policy: SchedulingPolicy, limits: BatchLimits):
+    def __init__(self, engine: VerificationEngine, policy: SchedulingPolicy, estimator: VerificationTimeEstimator):
         self.engine = engine
         self.policy = policy
-        self.limits = limits
+        self.estimator = estimator
         self._waiting: list[PendingRound] = []
         self._cond = threading.Condition()
         self._stopped = False
@@ -98,8 +197,7 @@ class BatchScheduler:
             self._cond.notify_all()
         self._thread.join()
 
-    def submit(self, request: RoundRequest) -> Future[RoundResult]:
-        pending = PendingRound(request, self.engine.uncached_tokens(request.session_id) + len(request.drafts))
+    def submit(self, pending: PendingRound) -> Future[RoundResult]:
         with self._cond:
             if self._stopped:
                 raise SchedulerStopped("the server is shutting down")
@@ -107,20 +205,26 @@ class BatchScheduler:
             self._cond.notify()
         return pending.future
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
+    def waiting_shapes(self) -> list[SequenceShape]:
+        with self._cond:
+            return [p.shape for p in self._waiting]
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopped:
-                    self._cond.wait()
+                while not self._stopped:
+                    if self._waiting:
+                        now = time.monotonic()
+                        batch = self.policy.select(self._waiting, now)
+                        if batch:
+                            break
+                        self._cond.wait(self.policy.retry_after(self._waiting, now))
+                    else:
+                        self._cond.wait()
                 if self._stopped:
                     for pending in self._waiting:
                         pending.future.set_exception(SchedulerStopped("the server is shutting down"))
                     return
-                batch = self.policy.select(self._waiting, self.limits)
                 chosen = {id(p) for p in batch}
                 self._waiting = [p for p in self._waiting if id(p) not in chosen]
             self._execute(batch)
@@ -135,5 +239,6 @@ class BatchScheduler:
                 pending.future.set_exception(error)
             return
         elapsed = time.monotonic() - start
+        self.estimator.observe([p.shape for p in batch], elapsed)
         for pending, verification in zip(batch, verifications):
             pending.future.set_result(RoundResult(verification, start - pending.arrival, elapsed, len(batch)))

@@ -19,7 +19,8 @@ from wisp_common.config import ServerConfig, add_config_arguments, config_from_a
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_server.engine import VerificationEngine
-from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler
+from wisp_server.estimator import VerificationTimeEstimator, profile
+from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
 from wisp_server.service import WispService
 
 log = logging.getLogger("wisp_server")
@@ -60,13 +61,33 @@ def build_engine(config: ServerConfig) -> VerificationEngine:
     return HFVerificationEngine(load_causal_lm(path, config.dtype, config.device), info)
 
 
+def make_policy(config: ServerConfig, estimator: VerificationTimeEstimator) -> SchedulingPolicy:
+    limits = BatchLimits(config.max_batch_sessions, config.max_batch_tokens)
+    if config.policy == "sled":
+        return SLEDPolicy(limits, estimator, window=config.sled_window)
+    if config.policy == "wisp":
+        return WispPolicy(limits, estimator, urgency=config.wisp_urgency, max_wait=config.wisp_max_wait)
+    return POLICIES[config.policy](limits, estimator)
+
+
 class WispServer:
     """The engine, the scheduler and the gRPC server, started and stopped together."""
 
     def __init__(self, config: ServerConfig, engine: VerificationEngine):
         self.config = config
-        limits = BatchLimits(config.max_batch_sessions, config.max_batch_tokens)
-        self.scheduler = BatchScheduler(engine, POLICIES[config.policy](), limits)
+        self.estimator = VerificationTimeEstimator()
+        if config.profile_estimator:
+            started = time.monotonic()
+            profile(
+                engine, self.estimator, config.max_batch_sessions, config.max_context_tokens, config.max_draft_tokens
+            )
+            log.info(
+                "verification time estimator profiled in %.1fs: MAPE %.1f%% over %d batches",
+                time.monotonic() - started,
+                self.estimator.mape or 0.0,
+                self.estimator.observations,
+            )
+        self.scheduler = BatchScheduler(engine, make_policy(config, self.estimator), self.estimator)
         # One thread per open stream: handlers block while their round is verified.
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8))
         pb_grpc.add_WispServicer_to_server(WispService(config, engine, self.scheduler), self._grpc)

@@ -21,7 +21,8 @@ from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_server.engine import EngineFull, RoundRequest, VerificationEngine
-from wisp_server.scheduler import BatchScheduler, SchedulerStopped
+from wisp_server.estimator import SequenceShape
+from wisp_server.scheduler import BatchScheduler, PendingRound, SchedulerStopped
 from wisp_server.session import Session
 
 log = logging.getLogger(__name__)
@@ -219,8 +220,16 @@ class WispService(pb_grpc.WispServicer):
         self._check_token_ids(list(draft.token_ids), "draft")
         # Drafts beyond the session's room could never be committed; don't verify them.
         drafts = tuple(draft.token_ids)[: max(session.room - 1, 0)]
+        uncached = self.engine.uncached_tokens(session.session_id)
+        shape = SequenceShape(len(session.context) - uncached, uncached + len(drafts))
+        pending = PendingRound(
+            RoundRequest(session.session_id, drafts),
+            shape,
+            deadline=session.deadline,
+            expected_tokens=session.expected_tokens(len(drafts)),
+        )
         try:
-            result = self.scheduler.submit(RoundRequest(session.session_id, drafts)).result()
+            result = self.scheduler.submit(pending).result()
         except SchedulerStopped as error:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         except Exception as error:
@@ -238,8 +247,19 @@ class WispService(pb_grpc.WispServicer):
                 verify_seconds=result.verify_seconds,
                 batch_size=result.batch_size,
             ),
-            hints=pb.Hints(active_sessions=len(self._sessions)),
+            hints=self._hints(session),
         )
         if commit.next_token is not None:
             verdict.next_token = commit.next_token
         return verdict
+
+    def _hints(self, session: Session) -> pb.Hints:
+        """What the edge's controller needs to size its next round."""
+        drafts = session.suggested_drafts(self.config.max_draft_tokens)
+        estimate = self.scheduler.estimator.estimate
+        return pb.Hints(
+            suggested_draft_tokens=drafts,
+            active_sessions=len(self._sessions),
+            est_queue_seconds=estimate(self.scheduler.waiting_shapes()),
+            est_verify_seconds=estimate([SequenceShape(len(session.context), 1 + drafts)]),
+        )

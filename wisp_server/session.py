@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
@@ -31,6 +33,10 @@ class Session:
     stop: StopCondition
     max_context_tokens: int
     slo: Slo = field(default_factory=Slo)
+    opened_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def generated(self) -> int:
@@ -41,8 +47,40 @@ class Session:
         """Tokens this session may still commit."""
         return min(self.stop.max_new_tokens - self.generated, self.max_context_tokens - len(self.context))
 
+    @property
+    def acceptance(self) -> float:
+        """Smoothed per-draft acceptance rate, 0.5 before any evidence."""
+        return (self.accepted + 1) / (self.drafted + 2)
+
+    def expected_tokens(self, drafts: int) -> float:
+        """Tokens a round with ``drafts`` drafts is expected to commit: 1 + a + a^2 + ... + a^drafts."""
+        return sum(self.acceptance**i for i in range(drafts + 1))
+
+    def suggested_drafts(self, max_drafts: int, reach: float = 0.3) -> int:
+        """The longest draft whose last token still has a ``reach`` chance of being reached and accepted."""
+        a = min(self.acceptance, 0.999)
+        return max(1, min(max_drafts, int(math.log(reach) / math.log(a))))
+
+    @property
+    def deadline(self) -> float:
+        """When the session needs its next token to stay on its SLO schedule (monotonic seconds).
+
+        The first token is due TTFT after the session opened; token g+1 is due
+        g TPOTs after the first. A session ahead of schedule has slack; one
+        behind it is late. Without an SLO there is no deadline.
+        """
+        if self.first_token_at is None:
+            return self.opened_at + self.slo.ttft_seconds if self.slo.ttft_seconds > 0 else math.inf
+        if self.slo.tpot_seconds <= 0:
+            return math.inf
+        return self.first_token_at + self.slo.tpot_seconds * self.generated
+
     def commit(self, drafts: tuple[int, ...], verification: Verification) -> Commit:
         """Appends the verdict's tokens, truncated at the first stop token or the length limit."""
+        self.drafted += len(drafts)
+        self.accepted += verification.num_accepted
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         tokens = list(drafts[: verification.num_accepted]) + [verification.next_token]
         reason = pb.FINISH_REASON_UNSPECIFIED
         for i, token in enumerate(tokens):

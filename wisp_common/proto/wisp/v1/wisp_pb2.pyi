@@ -129,12 +129,16 @@ class Timings(_message.Message):
     def __init__(self, queue_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Hints(_message.Message):
-    __slots__ = ("suggested_draft_tokens", "active_sessions")
+    __slots__ = ("suggested_draft_tokens", "active_sessions", "est_queue_seconds", "est_verify_seconds")
     SUGGESTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    EST_QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EST_VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     suggested_draft_tokens: int
     active_sessions: int
-    def __init__(self, suggested_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ...) -> None: ...
+    est_queue_seconds: float
+    est_verify_seconds: float
+    def __init__(self, suggested_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., est_queue_seconds: _Optional[float] = ..., est_verify_seconds: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints")

@@ -1,0 +1,177 @@
+"""Guarantees of the batch scheduling policies and the verification time estimator (property tests)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wisp_server.engine import RoundRequest
+from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features
+from wisp_server.scheduler import BatchLimits, FCFSPolicy, PendingRound, SchedulingPolicy, SLEDPolicy, WispPolicy
+
+TRUE_COEF = np.array([0.004, 0.0008, 0.0003, 0.0002, 0.00005])  # launch, sequence, token, attention, prefill
+
+
+def true_time(shapes: list[SequenceShape]) -> float:
+    return float(features(shapes) @ TRUE_COEF)
+
+
+def trained_estimator(batches: int = 40, seed: int = 0) -> VerificationTimeEstimator:
+    estimator = VerificationTimeEstimator()
+    rng = random.Random(seed)
+    for _ in range(batches):
+        shapes = random_shapes(rng)
+        estimator.observe(shapes, true_time(shapes) * rng.uniform(0.95, 1.05))
+    return estimator
+
+
+def random_shapes(rng: random.Random) -> list[SequenceShape]:
+    return [SequenceShape(rng.randrange(0, 2000), rng.randrange(1, 9)) for _ in range(rng.randrange(1, 17))]
+
+
+ESTIMATOR = trained_estimator()
+
+pending_rounds = st.lists(
+    st.builds(
+        lambda context, new, deadline, expected, arrival: PendingRound(
+            RoundRequest("s", ()), SequenceShape(context, new), deadline, expected, arrival
+        ),
+        st.integers(0, 2000),
+        st.integers(1, 300),
+        st.floats(-1.0, 2.0),
+        st.floats(1.0, 5.0),
+        st.floats(-2.0, 0.0),
+    ),
+    min_size=1,
+    max_size=40,
+)
+limits = st.builds(BatchLimits, st.integers(1, 16), st.integers(1, 600))
+
+
+def policies(lim: BatchLimits):
+    return [FCFSPolicy(lim, ESTIMATOR), SLEDPolicy(lim, ESTIMATOR, window=0.0), WispPolicy(lim, ESTIMATOR)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending_rounds, limits)
+def test_no_policy_exceeds_the_sequence_and_token_limits(waiting, lim):
+    for policy in policies(lim):
+        batch = policy.select(waiting, now=0.0)
+        assert batch, policy.name  # something is always launched when asked with nothing to wait for
+        assert len(set(map(id, batch))) == len(batch) and all(p in waiting for p in batch)
+        if len(batch) > 1:  # a lone round is launched even when it alone exceeds the token limit
+            assert len(batch) <= lim.max_sessions, policy.name
+            assert sum(p.shape.new_tokens for p in batch) <= lim.max_tokens, policy.name
+
+
+@settings(max_examples=200, deadline=None)
+@given(pending_rounds)
+def test_wisp_serves_urgent_rounds_earliest_deadline_first(waiting):
+    lim = BatchLimits(max_sessions=4, max_tokens=10_000)
+    policy = WispPolicy(lim, ESTIMATOR, urgency=0.05, max_wait=100.0)
+    now = 0.0
+    urgent = sorted(
+        (p for p in waiting if p.deadline >= now and p.deadline - now - ESTIMATOR.estimate([p.shape]) < 0.05),
+        key=lambda p: p.deadline,
+    )
+    batch = policy.select(waiting, now)
+    assert batch[: min(len(urgent), 4)] == urgent[:4]
+
+
+def test_wisp_prefers_rounds_that_can_still_make_it_over_late_ones():
+    lim = BatchLimits(max_sessions=2, max_tokens=10_000)
+    late = [PendingRound(RoundRequest(f"late{i}", ()), SequenceShape(100, 5), -0.5, 5.0, -0.1) for i in range(3)]
+    on_time = [PendingRound(RoundRequest(f"ok{i}", ()), SequenceShape(100, 5), 5.0, 1.5, -0.1) for i in range(2)]
+    batch = WispPolicy(lim, ESTIMATOR).select(late + on_time, now=0.0)
+    assert set(map(id, batch)) == set(map(id, on_time))
+
+
+def test_wisp_launches_only_what_finishes_by_the_deadlines():
+    lim = BatchLimits(max_sessions=16, max_tokens=100_000)
+    tight = PendingRound(RoundRequest("tight", ()), SequenceShape(100, 5), 0.2, 2.0, 0.0)
+    heavy = [PendingRound(RoundRequest(f"h{i}", ()), SequenceShape(0, 400), 10.0, 1.0, 0.0) for i in range(8)]
+    batch = WispPolicy(lim, ESTIMATOR, urgency=0.0).select([tight, *heavy], now=0.0)
+    assert tight in batch
+    assert ESTIMATOR.estimate([p.shape for p in batch]) <= 0.2  # the heavy prefills wait for the next batch
+    assert len(batch) < 9
+
+
+def simulate(policy: SchedulingPolicy, rng: random.Random, arrivals: tuple[int, int], batches: int = 300):
+    """Feeds ``policy`` a stream of rounds with mixed deadlines and values; yields (now, waiting, batch) per launch."""
+    now, waiting = 0.0, []
+    for _ in range(batches):
+        for _ in range(rng.randrange(*arrivals)):
+            shape = SequenceShape(rng.randrange(0, 2000), rng.randrange(1, 9))
+            deadline = now + rng.choice([-1.0, 0.01, 0.1, 1.0, 100.0])
+            waiting.append(PendingRound(RoundRequest("s", ()), shape, deadline, rng.uniform(1, 5), now))
+        batch = policy.select(waiting, now)
+        yield now, waiting, batch
+        waiting = [p for p in waiting if p not in batch]
+        now += ESTIMATOR.estimate([p.shape for p in batch])
+
+
+def make_policy(name: str, lim: BatchLimits, max_wait: float = 0.5) -> SchedulingPolicy:
+    policy = {p.name: p for p in policies(lim)}[name]
+    if isinstance(policy, WispPolicy):
+        policy.max_wait = max_wait
+    return policy
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["fcfs", "sled", "wisp"]))
+def test_nothing_starves_under_overload(seed, name):
+    """More rounds arrive than batches hold, for good: waits grow for everyone, but a round that has
+    waited its bound (wisp: max_wait; fcfs and sled: none) is never overtaken by a later arrival."""
+    lim = BatchLimits(max_sessions=4, max_tokens=10_000)
+    bound = 0.5 if name == "wisp" else 0.0
+    for now, waiting, batch in simulate(make_policy(name, lim, bound), random.Random(seed), (3, 7)):
+        starving = [p for p in waiting if p not in batch and now - p.arrival >= bound]
+        if starving:
+            oldest_left = min(p.arrival for p in starving)
+            assert all(q.arrival <= oldest_left for q in batch), name
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000))
+def test_wisp_bounds_every_wait_when_the_load_fits(seed):
+    """Bursty load under capacity (3.5 rounds per batch of 4): whatever its value or deadline, every round
+    is served within max_wait plus a few batch times, although wisp ranks by value."""
+    lim = BatchLimits(max_sessions=4, max_tokens=10_000)
+    runs = simulate(make_policy("wisp", lim), random.Random(seed), (2, 6))
+    waits = [now - p.arrival for now, _, batch in runs for p in batch]
+    assert max(waits) <= 0.5 + 0.2
+
+
+def test_estimator_fit_improves_with_more_batches():
+    rng = random.Random(7)
+    held_out = [random_shapes(rng) for _ in range(100)]
+
+    def mape(estimator: VerificationTimeEstimator) -> float:
+        return float(np.mean([abs(estimator.estimate(s) - true_time(s)) / true_time(s) for s in held_out]))
+
+    few, many = trained_estimator(batches=3, seed=1), trained_estimator(batches=200, seed=1)
+    assert mape(many) < mape(few)
+    assert mape(many) < 0.05
+    assert many.mape is not None and many.mape < 10  # its own running error, in percent
+
+
+def test_estimator_follows_a_machine_that_changes_speed():
+    estimator = trained_estimator(batches=100)
+    rng = random.Random(3)
+    for _ in range(400):  # the machine becomes twice as slow
+        shapes = random_shapes(rng)
+        estimator.observe(shapes, 2 * true_time(shapes))
+    shapes = random_shapes(rng)
+    assert abs(estimator.estimate(shapes) / (2 * true_time(shapes)) - 1) < 0.1
+
+
+def test_a_sequence_costs_the_same_in_any_batch():
+    """What lets the wisp policy rank rounds by value density once, not per candidate batch."""
+    rng = random.Random(11)
+    for _ in range(20):
+        batch, extra = random_shapes(rng), SequenceShape(rng.randrange(0, 2000), rng.randrange(1, 9))
+        added = ESTIMATOR.estimate([*batch, extra]) - ESTIMATOR.estimate(batch)
+        assert abs(added - ESTIMATOR.sequence_cost(extra)) < 1e-9

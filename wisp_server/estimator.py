@@ -1,0 +1,127 @@
+"""`VerificationTimeEstimator`: predicts a batch's verification wall time from its composition.
+
+WISP's scheduler needs to know, before launching a batch, whether it will
+finish inside its members' deadlines. The cost of a verification step is
+close to linear in a few counts (vLLM's and TGI's own schedulers reason in
+the same terms): a fixed launch cost, a cost per sequence, per new token
+(the weights are applied to every token), per new token times its context
+(attention reads the KV of every earlier token), and per uncached prompt
+token (prefill). The estimator fits those coefficients by least squares:
+first from a short profile at start-up, then from every executed batch,
+with older observations slowly forgotten so it follows the machine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SequenceShape:
+    """One session's part of a batch."""
+
+    context_tokens: int  # committed tokens whose KV is cached
+    new_tokens: int  # tokens computed this round: uncached context plus drafts
+
+
+FEATURES = ("launch", "sequences", "new_tokens", "attention", "prefill")
+
+
+def sequence_features(shape: SequenceShape) -> np.ndarray:
+    """What one sequence adds to a batch's features (everything but the launch term)."""
+    attention = shape.new_tokens * (shape.context_tokens + shape.new_tokens / 2) / 1000
+    prefill = shape.new_tokens if shape.context_tokens == 0 else 0
+    return np.array([0.0, 1.0, shape.new_tokens, attention, prefill])
+
+
+def features(batch: Sequence[SequenceShape]) -> np.ndarray:
+    launch = np.array([1.0, 0, 0, 0, 0])
+    return launch + sum((sequence_features(s) for s in batch), np.zeros(len(FEATURES)))
+
+
+class VerificationTimeEstimator:
+    def __init__(self, forgetting: float = 0.995, ridge: float = 1e-6, window: int = 200):
+        self.forgetting = forgetting
+        self.ridge = ridge
+        self._xtx = np.zeros((len(FEATURES), len(FEATURES)))
+        self._xty = np.zeros(len(FEATURES))
+        self._coef = np.zeros(len(FEATURES))
+        self._errors: deque[float] = deque(maxlen=window)  # relative errors of predictions made before the fact
+        self._lock = threading.Lock()
+        self.observations = 0
+
+    def estimate(self, batch: Sequence[SequenceShape]) -> float:
+        """Seconds the batch is expected to take (0 before any observation)."""
+        if not batch:
+            return 0.0
+        with self._lock:
+            return max(0.0, float(features(batch) @ self._coef))
+
+    def sequence_cost(self, shape: SequenceShape) -> float:
+        """Seconds one sequence adds to any batch: the model is linear, so this does not depend on the batch."""
+        with self._lock:
+            return max(1e-6, float(sequence_features(shape) @ self._coef))
+
+    def observe(self, batch: Sequence[SequenceShape], seconds: float) -> None:
+        """Records an executed batch: scores the prediction made before it, then refits."""
+        x = features(batch)
+        with self._lock:
+            if self.observations and seconds > 0:
+                predicted = max(0.0, float(x @ self._coef))
+                self._errors.append(abs(predicted - seconds) / seconds)
+            self._xtx = self.forgetting * self._xtx + np.outer(x, x)
+            self._xty = self.forgetting * self._xty + x * seconds
+            self.observations += 1
+            scale = np.trace(self._xtx) / len(FEATURES)
+            regularised = self._xtx + self.ridge * scale * np.eye(len(FEATURES))
+            self._coef = np.linalg.solve(regularised, self._xty)
+
+    @property
+    def mape(self) -> float | None:
+        """Mean absolute percentage error of recent predictions, or None before any."""
+        with self._lock:
+            return 100.0 * float(np.mean(self._errors)) if self._errors else None
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        with self._lock:
+            return dict(zip(FEATURES, map(float, self._coef)))
+
+
+def profile(engine, estimator: VerificationTimeEstimator, max_sessions: int, max_context: int, max_drafts: int) -> None:
+    """Times a small grid of synthetic batches so the estimator is useful from the first request.
+
+    A few seconds on a CPU: sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}.
+    """
+    import random
+
+    from wisp_common.request import SamplingParams
+    from wisp_server.engine import RoundRequest
+
+    rng = random.Random(0)
+    vocab = engine.info.vocab_size
+    for n in sorted({1, min(4, max_sessions), min(16, max_sessions)}):
+        for context in (32, min(256, max_context // 2)):
+            ids = [f"profile-{n}-{context}-{i}" for i in range(n)]
+            for sid in ids:
+                engine.add_session(sid, [rng.randrange(vocab) for _ in range(context)], SamplingParams(), max_context)
+            cached = [0] * n
+            try:
+                for drafts in (0, 0, max_drafts, max_drafts, 0, max_drafts):
+                    requests = [RoundRequest(sid, tuple(rng.randrange(vocab) for _ in range(drafts))) for sid in ids]
+                    shapes = [SequenceShape(c, engine.uncached_tokens(sid) + drafts) for sid, c in zip(ids, cached)]
+                    start = time.perf_counter()
+                    results = engine.verify(requests)
+                    estimator.observe(shapes, time.perf_counter() - start)
+                    cached = [
+                        s.context_tokens + s.new_tokens - drafts + r.num_accepted for s, r in zip(shapes, results)
+                    ]
+            finally:
+                for sid in ids:
+                    engine.remove_session(sid)
