@@ -16,7 +16,7 @@ from wisp_common.config import ServerConfig  # noqa: E402
 from wisp_common.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb  # noqa: E402
 from wisp_edge.client import EdgeClient  # noqa: E402
-from wisp_edge.drafter import Drafter  # noqa: E402
+from wisp_edge.drafter import ModelDrafter  # noqa: E402
 from wisp_server.server import WispServer, build_engine  # noqa: E402
 
 SMOLLM2_VOCAB = 49152
@@ -42,7 +42,13 @@ def tiny_pair(tmp_path_factory, smollm2_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_server(tiny_pair):
     config = ServerConfig(
-        target_model=tiny_pair[0], engine="hf", port=0, max_sessions=4, max_draft_tokens=6, max_context_tokens=256
+        target_model=tiny_pair[0],
+        engine="hf",
+        port=0,
+        metrics_port=0,
+        max_sessions=4,
+        max_draft_tokens=6,
+        max_context_tokens=256,
     )
     server = WispServer(config, build_engine(config))
     server.start()
@@ -56,4 +62,4 @@ def make_client(address: str, draft_dir: str, tokenizer) -> EdgeClient:
     identity = pb.ModelIdentity(
         name=draft_dir, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=SMOLLM2_VOCAB
     )
-    return EdgeClient(grpc.insecure_channel(address), Drafter(load_causal_lm(draft_dir)), identity)
+    return EdgeClient(grpc.insecure_channel(address), ModelDrafter(load_causal_lm(draft_dir)), identity)

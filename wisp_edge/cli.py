@@ -2,12 +2,15 @@
 
     wisp-edge generate "What is the capital of France?"
     wisp-edge generate --prompts-file questions.jsonl --output answers.jsonl
+    wisp-edge calibrate --prompts-file questions.jsonl
     wisp-edge info
 
 `generate` drafts locally, verifies on the server and streams the committed
 text as it arrives; a one-line summary follows on stderr. With a prompts
 file it answers each prompt in turn and writes token ids, text and
-statistics as JSONL.
+statistics as JSONL. `calibrate` answers prompts with a fixed, long draft,
+logs which draft tokens the target accepted and fits the speculation
+controller's acceptance predictor to them, saved beside the draft.
 """
 
 from __future__ import annotations
@@ -49,23 +52,32 @@ def build_client(config: EdgeConfig):
     import torch
     import transformers
 
-    from wisp_common.models import load_causal_lm, load_tokenizer, tokenizer_fingerprint
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_edge.client import EdgeClient
-    from wisp_edge.drafter import Drafter
+    from wisp_edge.controller import AcceptancePredictor
+    from wisp_edge.drafter import drafter_factory
 
     transformers.utils.logging.disable_progress_bar()
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.draft_model)
-    model = load_causal_lm(config.draft_model, config.dtype, config.device)
+    drafter = drafter_factory(config.draft_model, sampling_of(config), config.dtype, config.device)()
     identity = pb.ModelIdentity(
-        name=config.draft_model,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=model.config.vocab_size,
+        name=config.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
     )
     device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=config.device_kind)
     channel = grpc.insecure_channel(config.server)
-    return EdgeClient(channel, Drafter(model, sampling_of(config)), identity, device), tokenizer
+    predictor = AcceptancePredictor.beside(resolve_model(config.draft_model))
+    client = EdgeClient(
+        channel,
+        drafter,
+        identity,
+        device,
+        predictor=predictor if config.speculation == "adaptive" else None,
+        pipeline=config.pipeline,
+        min_run_probability=config.min_run_probability,
+    )
+    return client, tokenizer
 
 
 def sampling_of(config: EdgeConfig) -> SamplingParams:
@@ -124,6 +136,38 @@ def _describe(s: dict) -> str:
     )
 
 
+def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
+    """Fits the acceptance predictor on this draft/target pair's own verdicts."""
+    from pathlib import Path
+
+    from wisp_common.models import resolve_model
+    from wisp_edge.controller import PREDICTOR_FILE, AcceptancePredictor, verdict_labels
+
+    prompts = load_prompts(args.prompts_file, args.limit)
+    client, tokenizer = build_client(config)
+    client.predictor, client.pipeline, client.round_log = None, False, []  # fixed long rounds: labels deep in them
+    for index, prompt in enumerate(prompts):
+        result = client.generate(
+            encode_prompt(tokenizer, prompt, config.chat),
+            max_new_tokens=config.max_new_tokens,
+            draft_tokens=config.draft_tokens,
+            sampling=sampling_of(config),
+            ignore_eos=config.ignore_eos,
+        )
+        summary = {"finish_reason": result.finish_reason, **result.stats.summary()}
+        print(f"[{index + 1}/{len(prompts)}] {_describe(summary)}", file=sys.stderr, flush=True)
+    rows = [row for entry in client.round_log for row in verdict_labels(*entry)]
+    fitted = AcceptancePredictor.fit(rows)
+    output = Path(args.output) if args.output else Path(resolve_model(config.draft_model)) / PREDICTOR_FILE
+    fitted.save(output)
+    prior = AcceptancePredictor()
+    print(
+        f"{len(rows)} labelled draft tokens ({sum(r[2] for r in rows) / len(rows):.0%} accepted); log loss "
+        f"{prior.log_loss(rows):.3f} with the prior, {fitted.log_loss(rows):.3f} fitted; written to {output}"
+    )
+    return 0
+
+
 def cmd_info(config: EdgeConfig, args: argparse.Namespace) -> int:
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 
@@ -142,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--limit", type=int, help="answer only the first N prompts of --prompts-file")
     generate.add_argument("--output", help="write one JSON line per answer: text, token ids, statistics")
     generate.add_argument("--summary-json", action="store_true", help="print each summary as JSON on stderr")
+    calibrate = commands.add_parser("calibrate", help="fit the speculation controller to this draft and target")
+    calibrate.add_argument("--prompts-file", required=True, help="JSONL (prompt / MT-Bench turns / ShareGPT) prompts")
+    calibrate.add_argument("--limit", type=int, help="use only the first N prompts")
+    calibrate.add_argument("--output", help="where to write the predictor (default: the draft's directory)")
     info = commands.add_parser("info", help="show the server's target model and limits")
-    for sub in (generate, info):
+    for sub in (generate, calibrate, info):
         add_config_arguments(sub, EdgeConfig)
     args = parser.parse_args(argv)
     config = config_from_args(EdgeConfig, args)
-    handler = {"generate": cmd_generate, "info": cmd_info}[args.command]
+    handler = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info}[args.command]
     try:
         return handler(config, args)
     except grpc.RpcError as error:

@@ -1,40 +1,57 @@
 """`EdgeClient`: runs one generation as a Speculate session against the server.
 
-Each round the drafter proposes tokens, the server's verdict says how many
-stand and which token follows, and the drafter rolls back to match. Callers
-see only committed tokens, which are exactly the target's own.
+Each round the drafter proposes tokens until the `SpeculationController`
+says send; the server's verdict says how many stand and which token
+follows, and the drafter rolls back to match. With pipelining on, the edge
+keeps drafting while a round is out for verification, as if every draft will
+be accepted; that work is kept when the verdict proves it right (all drafts
+accepted and the bonus token guessed), else dropped. Callers see only
+committed tokens, which are exactly the target's own.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
+from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo
+from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController
 from wisp_edge.drafter import Drafter
 
 
 @dataclass
 class GenerationStats:
     rounds: int = 0
-    drafted: int = 0
+    drafted: int = 0  # every token the drafter proposed, pipelined ones included
+    sent: int = 0  # drafts sent for verification
     accepted: int = 0
+    pipelined: int = 0  # drafted while a round was out
+    pipelined_kept: int = 0  # of those, still valid after the verdict
     generated: int = 0
     ttft_seconds: float = 0.0
     wall_seconds: float = 0.0
     draft_seconds: float = 0.0
+    idle_seconds: float = 0.0  # waiting for verdicts with nothing to draft
+    round_trip_seconds: float = 0.0  # from sending each round to its verdict
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return self.accepted / self.sent if self.sent else 0.0
+
+    @property
+    def wasted(self) -> int:
+        """Drafted tokens that never made it into the output: rejected, after a rejection, or discarded."""
+        return self.drafted - self.accepted
 
     @property
     def tokens_per_round(self) -> float:
@@ -48,11 +65,22 @@ class GenerationStats:
         return {
             "tokens": self.generated,
             "rounds": self.rounds,
+            "drafted": self.drafted,
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "wasted_drafts": self.wasted,
+            "pipelined": self.pipelined,
+            "pipelined_kept": self.pipelined_kept,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "tokens_per_round": round(self.tokens_per_round, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
             "ttft_seconds": round(self.ttft_seconds, 4),
             "wall_seconds": round(self.wall_seconds, 3),
+            "draft_seconds": round(self.draft_seconds, 3),
+            "idle_seconds": round(self.idle_seconds, 3),
+            "round_trip_seconds": round(self.round_trip_seconds, 3),
+            "server_queue_seconds": round(self.server_queue_seconds, 3),
+            "server_verify_seconds": round(self.server_verify_seconds, 3),
         }
 
 
@@ -64,17 +92,27 @@ class GenerationResult:
 
 
 class EdgeClient:
+    """A session client; ``predictor`` None drafts a fixed length (SLED), else the controller decides (WISP)."""
+
     def __init__(
         self,
         channel: grpc.Channel,
         drafter: Drafter,
         draft_identity: pb.ModelIdentity,
         device: pb.DeviceInfo | None = None,
+        predictor: AcceptancePredictor | None = None,
+        pipeline: bool = False,
+        min_run_probability: float = 0.25,
     ):
         self.stub = pb_grpc.WispStub(channel)
         self.drafter = drafter
         self.draft_identity = draft_identity
         self.device = device or pb.DeviceInfo()
+        self.predictor = predictor
+        self.pipeline = pipeline
+        self.min_run_probability = min_run_probability
+        # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
+        self.round_log: list[tuple[list, int, int]] | None = None
 
     def server_info(self, timeout: float = 10.0) -> pb.ServerInfo:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
@@ -91,11 +129,13 @@ class EdgeClient:
         slo: Slo = Slo(),
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> GenerationResult:
-        """Generates up to ``max_new_tokens`` tokens; ``on_tokens`` sees each round's commit."""
+        """Generates up to ``max_new_tokens`` tokens; ``draft_tokens`` caps a round; ``on_tokens`` sees commits."""
         stats = GenerationStats()
         started = time.monotonic()
         requests: queue.Queue[pb.SpeculateRequest | None] = queue.Queue()
         responses = self.stub.Speculate(_drain(requests))
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_read, args=(responses, inbox), daemon=True).start()
         try:
             requests.put(
                 pb.SpeculateRequest(
@@ -108,31 +148,47 @@ class EdgeClient:
                         ),
                         slo=slo.to_proto(),
                         device=self.device,
+                        return_features=self.drafter.wants_features,
                     )
                 )
             )
-            opened = next(responses).opened
-            draft_len = min(draft_tokens, opened.max_draft_tokens)
+            opened = _next(inbox).opened
+            controller = SpeculationController(
+                self.predictor, min(draft_tokens, opened.max_draft_tokens), self.min_run_probability
+            )
+            timing = RoundTiming(tpot_slo=slo.tpot_seconds)
             self.drafter.start(prompt_ids)
             generated: list[int] = []
             position = opened.position
             while True:
-                t0 = time.monotonic()
-                drafts = self.drafter.draft(min(draft_len, max_new_tokens - len(generated) - 1))
-                stats.draft_seconds += time.monotonic() - t0
+                room = max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
+                count = self._round_length(controller, timing, room, stats)
+                drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
                 requests.put(
                     pb.SpeculateRequest(draft=pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts))
                 )
-                verdict = next(responses).verdict
+                sent_at, pipelined = time.monotonic(), stats.pipelined
+                verdict = self._await_verdict(inbox, controller, count, room, stats).verdict
+                pipelined = stats.pipelined - pipelined
+                stats.round_trip_seconds += time.monotonic() - sent_at
+                round_trip = time.monotonic() - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
+                timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
+                timing.queue, timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
+                controller.observe(signals, count, verdict.num_accepted)
+
                 next_token = verdict.next_token if verdict.HasField("next_token") else None
-                self.drafter.commit(drafts, verdict.num_accepted, next_token)
+                features = decode_features(verdict.features) if verdict.HasField("features") else None
+                self.drafter.commit(verdict.num_accepted, next_token, features)
+                stats.pipelined_kept += min(pipelined, len(self.drafter.pending))
+                if self.round_log is not None:
+                    self.round_log.append((signals, count, verdict.num_accepted))
                 committed = drafts[: verdict.num_accepted] + ([] if next_token is None else [next_token])
                 if not generated:
                     stats.ttft_seconds = time.monotonic() - started
                 generated += committed
                 position = verdict.position
                 stats.rounds += 1
-                stats.drafted += len(drafts)
+                stats.sent += count
                 stats.accepted += verdict.num_accepted
                 stats.server_queue_seconds += verdict.timings.queue_seconds
                 stats.server_verify_seconds += verdict.timings.verify_seconds
@@ -148,6 +204,58 @@ class EdgeClient:
         finally:
             requests.put(None)
             responses.cancel()
+
+    def _draft_one(self, stats: GenerationStats, timing: RoundTiming | None = None) -> bool:
+        started = time.monotonic()
+        if self.drafter.draft_one() is None:
+            return False
+        elapsed = time.monotonic() - started
+        stats.drafted += 1
+        stats.draft_seconds += elapsed
+        if timing is not None:
+            timing.draft_token = 0.8 * timing.draft_token + 0.2 * elapsed if timing.draft_token else elapsed
+        return True
+
+    def _round_length(self, controller: SpeculationController, timing: RoundTiming, room: int, stats) -> int:
+        """Drafts until the controller says send; returns how many pending drafts the round sends."""
+        while True:
+            can_draft = len(self.drafter.pending) < room
+            count = controller.round_length(self.drafter.signals, timing, can_draft)
+            if count is not None:
+                return max(0, min(count, room))
+            if not self._draft_one(stats, timing):
+                return max(0, min(len(self.drafter.pending), room))
+
+    def _await_verdict(self, inbox: queue.Queue, controller, sent: int, room: int, stats) -> pb.SpeculateResponse:
+        """Waits for the round's verdict; with pipelining, drafts the next round meanwhile."""
+        ahead = min(room, sent + controller.max_drafts)  # as far as the next round could reach
+        while self.pipeline and len(self.drafter.pending) < ahead and inbox.empty():
+            if not self._draft_one(stats):
+                break
+            stats.pipelined += 1
+        started = time.monotonic()
+        response = _next(inbox)
+        stats.idle_seconds += time.monotonic() - started
+        return response
+
+
+def _next(inbox: queue.Queue) -> pb.SpeculateResponse:
+    item = inbox.get()
+    if isinstance(item, BaseException):
+        raise item
+    if item is None:
+        raise RuntimeError("the server closed the stream before the verdict")
+    return item
+
+
+def _read(responses, inbox: queue.Queue) -> None:
+    """Moves the server's responses into ``inbox``, so the drafter can work while a round is out."""
+    try:
+        for response in responses:
+            inbox.put(response)
+        inbox.put(None)
+    except grpc.RpcError as error:
+        inbox.put(error)
 
 
 def _drain(requests: queue.Queue[pb.SpeculateRequest | None]) -> Iterator[pb.SpeculateRequest]:

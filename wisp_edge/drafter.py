@@ -1,14 +1,25 @@
-"""`Drafter`: the edge's small model, proposing tokens with a KV cache that rolls back.
+"""`Drafter`: the edge's small model, proposing tokens that the server verifies.
 
-The drafter mirrors the session's committed context. Drafting extends its KV
-cache speculatively; when the verdict arrives, `commit` crops the cache back
-to the accepted prefix and queues the server's token, so the next draft
-continues from exactly what the target committed.
+A drafter mirrors the session's committed context and keeps a tail of
+*pending* drafts: proposed, not yet confirmed. `draft_one` extends the tail
+by one token; a verdict (`commit`) moves the accepted drafts and the server's
+own token into the context. Drafts after them survive only where the
+server's token equals the draft in its place: that is pipelined drafting
+paying off (the drafter guessed the bonus token and kept going).
+
+Two kinds share this logic:
+
+* `ModelDrafter`: any HuggingFace causal LM with the target's tokenizer,
+  its KV cache cropped back to what stays valid after each verdict;
+* `wisp_edge.eagle.EagleDrafter`: a head conditioned on the target's
+  features, which the server sends with each verdict.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -17,49 +28,139 @@ from wisp_common.request import SamplingParams
 from wisp_common.verification import target_distribution
 
 
-class Drafter:
-    def __init__(self, model: PreTrainedModel, sampling: SamplingParams = SamplingParams()):
-        self.model = model
+@dataclass(frozen=True)
+class DraftSignals:
+    """How sure the draft was of one token: what the speculation controller reads."""
+
+    top1: float  # probability of its most likely token
+    entropy: float  # nats
+    margin: float  # top-1 minus top-2 probability
+
+
+def signals_of(logits: torch.Tensor) -> DraftSignals:
+    probs = logits.float().softmax(-1)
+    top = probs.topk(2).values.tolist() if probs.numel() > 1 else [float(probs[0]), 0.0]
+    entropy = -float((probs * probs.clamp_min(1e-12).log()).sum())
+    return DraftSignals(top[0], entropy, top[0] - top[1])
+
+
+class Drafter(ABC):
+    wants_features = False  # whether sessions must ask the server for target features
+
+    def __init__(self, sampling: SamplingParams = SamplingParams(), device: str | torch.device = "cpu"):
         self.sampling = sampling
-        self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator(device=device)
         if sampling.seed:
             self.generator.manual_seed(sampling.seed)
-        self.tokens: list[int] = []
-        self._cache = DynamicCache()
+        self.tokens: list[int] = []  # committed context
+        self.pending: list[int] = []  # drafted, not confirmed yet
+        self.signals: list[DraftSignals] = []  # one per pending draft
 
     def start(self, context: Sequence[int]) -> None:
-        """Begins a new session whose committed context is ``context``."""
-        self.tokens = list(context)
-        self._cache = DynamicCache()
+        """Begins a session whose committed context is ``context``."""
+        self.tokens, self.pending, self.signals = list(context), [], []
+        self._reset()
 
-    @torch.inference_mode()
+    def draft_one(self) -> int | None:
+        """Proposes the token after the pending drafts, or None when the drafter cannot yet."""
+        out = self._next_logits()
+        if out is None:
+            return None
+        logits, vocab_ids = out
+        index = self._pick(logits)
+        token = index if vocab_ids is None else int(vocab_ids[index])
+        self.pending.append(token)
+        self.signals.append(signals_of(logits))
+        return token
+
     def draft(self, n: int) -> list[int]:
-        """Proposes ``n`` tokens after the committed context."""
-        drafts: list[int] = []
-        if n <= 0:
-            return drafts
-        feed = self.tokens[self._cache.get_seq_length() :]
-        for _ in range(n):
-            logits = self.model(
-                input_ids=torch.tensor([feed], device=self.device),
-                past_key_values=self._cache,
-                use_cache=True,
-            ).logits[0, -1]
-            drafts.append(self._pick(logits))
-            feed = drafts[-1:]
-        return drafts
+        """Proposes up to ``n`` more tokens (fewer only when the drafter cannot draft yet)."""
+        drafted: list[int] = []
+        while len(drafted) < n and (token := self.draft_one()) is not None:
+            drafted.append(token)
+        return drafted
 
-    def commit(self, drafts: Sequence[int], num_accepted: int, next_token: int | None) -> None:
-        """Applies a verdict: keep the accepted drafts, drop the rest, append the server's token."""
-        accepted = list(drafts[:num_accepted])
-        excess = self._cache.get_seq_length() - (len(self.tokens) + num_accepted)
-        if excess > 0:
-            self._cache.crop(-excess)
-        self.tokens += accepted + ([] if next_token is None else [next_token])
+    def commit(self, num_accepted: int, next_token: int | None, features: torch.Tensor | None = None) -> None:
+        """Applies a verdict on the leading pending drafts; ``features`` start at the first uncomputed position."""
+        rest = self.pending[num_accepted:]
+        self.tokens += self.pending[:num_accepted]
+        kept = 0
+        if next_token is not None:
+            self.tokens.append(next_token)
+            if rest and rest[0] == next_token:
+                kept = len(rest) - 1
+        self.pending, self.signals = rest[len(rest) - kept :], self.signals[len(self.signals) - kept :]
+        self._sync(features)
 
     def _pick(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
             return int(logits.argmax())
         probs = target_distribution(logits, self.sampling)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    @abstractmethod
+    def _reset(self) -> None:
+        """Forgets all model state: a new session starts."""
+
+    @abstractmethod
+    def _next_logits(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Logits for the token after ``tokens + pending``, and the vocabulary ids of their entries (None: all)."""
+
+    @abstractmethod
+    def _sync(self, features: torch.Tensor | None) -> None:
+        """Drops model state that the verdict made invalid; takes the verdict's target features."""
+
+
+class ModelDrafter(Drafter):
+    """A standalone causal LM; its KV cache keeps the longest prefix still valid."""
+
+    def __init__(self, model: PreTrainedModel, sampling: SamplingParams = SamplingParams()):
+        device = next(model.parameters()).device
+        super().__init__(sampling, device)
+        self.model = model
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache = DynamicCache()
+        self._cached: list[int] = []  # the tokens whose KV is in the cache
+
+    @torch.inference_mode()
+    def _next_logits(self) -> tuple[torch.Tensor, None]:
+        sequence = self.tokens + self.pending
+        if len(self._cached) == len(sequence):  # the last token's logits are needed again
+            self._crop(len(sequence) - 1)
+        feed = sequence[len(self._cached) :]
+        logits = self.model(
+            input_ids=torch.tensor([feed], device=self.device), past_key_values=self._cache, use_cache=True
+        ).logits[0, -1]
+        self._cached = sequence
+        return logits, None
+
+    def _sync(self, features: torch.Tensor | None) -> None:
+        sequence = self.tokens + self.pending
+        common = next((i for i, (a, b) in enumerate(zip(self._cached, sequence)) if a != b), None)
+        self._crop(min(len(self._cached), len(sequence)) if common is None else common)
+
+    def _crop(self, length: int) -> None:
+        if length < len(self._cached):
+            self._cache.crop(length)
+            self._cached = self._cached[:length]
+
+
+def drafter_factory(
+    name: str, sampling: SamplingParams = SamplingParams(), dtype: str = "float32", device: str = "cpu"
+) -> Callable[[], Drafter]:
+    """Loads a draft model once; each call makes a drafter over it (one per session, sharing the weights).
+
+    Feature-conditioned (EAGLE-style) if the model's directory says so, else a standalone causal LM.
+    """
+    from wisp_common.models import load_causal_lm, resolve_model
+    from wisp_edge.eagle import EagleDrafter, is_eagle_model, load_eagle_model
+
+    path = resolve_model(name)
+    if is_eagle_model(path):
+        eagle = load_eagle_model(path, dtype, device)
+        return lambda: EagleDrafter(eagle, sampling)
+    model = load_causal_lm(path, dtype, device)
+    return lambda: ModelDrafter(model, sampling)

@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from wisp_common.request import SamplingParams
 from wisp_common.verification import Verification
 
@@ -34,6 +36,19 @@ class RoundRequest:
     drafts: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class RoundVerdict(Verification):
+    """A verified round, plus the target's features when the session asked for them.
+
+    ``features`` holds the target's last hidden state (after the final norm,
+    what the output head reads) at each context position this round computed
+    and committed, in order: the session's uncached context tokens, then the
+    accepted drafts. A feature-conditioned (EAGLE-style) draft needs them.
+    """
+
+    features: torch.Tensor | None = None
+
+
 class EngineFull(Exception):
     """The engine cannot hold another session now (its KV cache is committed)."""
 
@@ -43,11 +58,19 @@ class VerificationEngine(ABC):
     info: EngineInfo
 
     @abstractmethod
-    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+    def add_session(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        features: bool = False,
+    ) -> None:
         """Registers a session whose committed context (prompt and generated tokens) is ``context``.
 
         ``max_tokens`` bounds the session's context for its whole life; an engine
         with a bounded KV cache reserves room for it or raises `EngineFull`.
+        With ``features`` each of its verdicts carries the target's features.
         """
 
     @abstractmethod
@@ -59,5 +82,5 @@ class VerificationEngine(ABC):
         """Committed tokens not yet in the KV cache: what a round computes besides the drafts."""
 
     @abstractmethod
-    def verify(self, batch: Sequence[RoundRequest]) -> list[Verification]:
+    def verify(self, batch: Sequence[RoundRequest]) -> list[RoundVerdict]:
         """Runs one batched verification step; results are in ``batch`` order."""

@@ -20,8 +20,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from wisp_common.request import SamplingParams
-from wisp_common.verification import Verification, verify
-from wisp_server.engine import EngineInfo, RoundRequest, VerificationEngine
+from wisp_common.verification import verify
+from wisp_server.engine import EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [1, heads, tokens, dim]
 
@@ -31,6 +31,7 @@ class _Session:
     sampling: SamplingParams
     generator: torch.Generator | None
     pending: list[int]  # committed tokens whose KV is not cached yet
+    features: bool  # whether verdicts carry the target's features
     kv: KV | None = None
     cached: int = 0  # tokens in kv
 
@@ -45,7 +46,14 @@ class HFVerificationEngine(VerificationEngine):
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
 
-    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+    def add_session(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        features: bool = False,
+    ) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")
         generator = None
@@ -56,7 +64,7 @@ class HFVerificationEngine(VerificationEngine):
             else:
                 generator.seed()
         with self._lock:
-            self._sessions[session_id] = _Session(sampling, generator, list(context))
+            self._sessions[session_id] = _Session(sampling, generator, list(context), features)
 
     def remove_session(self, session_id: str) -> None:
         with self._lock:
@@ -67,7 +75,7 @@ class HFVerificationEngine(VerificationEngine):
             return len(self._sessions[session_id].pending)
 
     @torch.inference_mode()
-    def verify(self, batch: Sequence[RoundRequest]) -> list[Verification]:
+    def verify(self, batch: Sequence[RoundRequest]) -> list[RoundVerdict]:
         with self._lock:
             sessions = [self._sessions[r.session_id] for r in batch]
         inputs = [s.pending + list(r.drafts) for s, r in zip(sessions, batch)]
@@ -96,7 +104,7 @@ class HFVerificationEngine(VerificationEngine):
         picked = torch.cat([hidden.last_hidden_state[i, start : len(inputs[i])] for i, start in enumerate(starts)])
         logits = self.model.get_output_embeddings()(picked)
 
-        results: list[Verification] = []
+        results: list[RoundVerdict] = []
         offset = 0
         new_cache = hidden.past_key_values
         for i, (s, r) in enumerate(zip(sessions, batch)):
@@ -104,6 +112,7 @@ class HFVerificationEngine(VerificationEngine):
             result = verify(logits[offset : offset + n_rows], r.drafts, s.sampling, s.generator)
             offset += n_rows
             keep = len(s.pending) + result.num_accepted  # new tokens whose KV stays valid
+            features = hidden.last_hidden_state[i, :keep].float().clone() if s.features else None
             s.kv = [
                 (
                     layer.keys[i : i + 1, :, past - s.cached : past + keep].clone(),
@@ -113,7 +122,7 @@ class HFVerificationEngine(VerificationEngine):
             ]
             s.cached += keep
             s.pending = [result.next_token]
-            results.append(result)
+            results.append(RoundVerdict(result.num_accepted, result.next_token, features))
         return results
 
     @staticmethod

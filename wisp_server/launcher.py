@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-READY = re.compile(r"WISP server listening on (\S+):(\d+)")
+READY = re.compile(r"WISP server listening on (\S+):(\d+) \((?:metrics on :(\d+)/metrics, )?")
 
 
 class ServerProcess:
@@ -20,10 +21,24 @@ class ServerProcess:
     if it is None) so a failure to start shows why.
     """
 
-    def __init__(self, args: Sequence[str] = (), log_prefix: str | None = "[server] ", startup_timeout: float = 600):
-        command = [sys.executable, "-u", "-m", "wisp_server.server", "--port", "0", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        log_prefix: str | None = "[server] ",
+        startup_timeout: float = 600,
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
+    ):
+        """``env`` adds environment variables; ``cpus`` pins the server to those cores."""
+        command = [sys.executable, "-u", "-m", "wisp_server.server", "--port", "0", "--metrics-port", "0", *args]
+        environment = {**os.environ, **(env or {})}
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+        )
+        if cpus:
+            os.sched_setaffinity(self.process.pid, cpus)
         self.log: list[str] = []
+        self.metrics_port: int | None = None
         self.address = self._wait_ready(startup_timeout, log_prefix)
         threading.Thread(target=self._pump, args=(log_prefix,), daemon=True).start()
 
@@ -34,6 +49,7 @@ class ServerProcess:
             self._record(line, log_prefix)
             match = READY.search(line)
             if match:
+                self.metrics_port = int(match.group(3)) if match.group(3) else None
                 return f"{match.group(1)}:{match.group(2)}"
             if time.monotonic() > deadline:
                 break

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from wisp_common.verification import Verification
-from wisp_server.engine import RoundRequest, VerificationEngine
+from wisp_server.engine import RoundRequest, RoundVerdict, VerificationEngine
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
+from wisp_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class PendingRound:
 
 @dataclass(frozen=True)
 class RoundResult:
-    verification: Verification
+    verification: RoundVerdict
     queue_seconds: float
     verify_seconds: float
     batch_size: int
@@ -179,10 +179,17 @@ POLICIES: dict[str, type[SchedulingPolicy]] = {p.name: p for p in (FCFSPolicy, S
 
 
 class BatchScheduler:
-    def __init__(self, engine: VerificationEngine, policy: SchedulingPolicy, estimator: VerificationTimeEstimator):
+    def __init__(
+        self,
+        engine: VerificationEngine,
+        policy: SchedulingPolicy,
+        estimator: VerificationTimeEstimator,
+        metrics: ServerMetrics | None = None,
+    ):
         self.engine = engine
         self.policy = policy
         self.estimator = estimator
+        self.metrics = metrics or ServerMetrics()
         self._waiting: list[PendingRound] = []
         self._cond = threading.Condition()
         self._stopped = False
@@ -217,6 +224,7 @@ class BatchScheduler:
                         now = time.monotonic()
                         batch = self.policy.select(self._waiting, now)
                         if batch:
+                            self.metrics.schedule_seconds.observe(time.monotonic() - now)
                             break
                         self._cond.wait(self.policy.retry_after(self._waiting, now))
                     else:
@@ -240,5 +248,10 @@ class BatchScheduler:
             return
         elapsed = time.monotonic() - start
         self.estimator.observe([p.shape for p in batch], elapsed)
+        self.metrics.batch_size.observe(len(batch))
+        self.metrics.verify_seconds.observe(elapsed)
+        if self.estimator.mape is not None:
+            self.metrics.estimator_mape.set(self.estimator.mape)
         for pending, verification in zip(batch, verifications):
+            self.metrics.queue_seconds.observe(start - pending.arrival)
             pending.future.set_result(RoundResult(verification, start - pending.arrival, elapsed, len(batch)))

@@ -20,6 +20,7 @@ from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_server.engine import VerificationEngine
 from wisp_server.estimator import VerificationTimeEstimator, profile
+from wisp_server.metrics import ServerMetrics
 from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
 from wisp_server.service import WispService
 
@@ -87,7 +88,9 @@ class WispServer:
                 self.estimator.mape or 0.0,
                 self.estimator.observations,
             )
-        self.scheduler = BatchScheduler(engine, make_policy(config, self.estimator), self.estimator)
+        self.metrics = ServerMetrics()
+        self.scheduler = BatchScheduler(engine, make_policy(config, self.estimator), self.estimator, self.metrics)
+        self.metrics_port: int | None = None
         # One thread per open stream: handlers block while their round is verified.
         self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.max_sessions + 8))
         pb_grpc.add_WispServicer_to_server(WispService(config, engine, self.scheduler), self._grpc)
@@ -100,6 +103,8 @@ class WispServer:
             raise RuntimeError(f"cannot listen on {config.host}:{config.port}")
 
     def start(self) -> None:
+        if self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         self.scheduler.start()
         self._grpc.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -131,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     server = WispServer(config, build_engine(config))
     server.start()
     # Scripts and tests wait for this line; with --port 0 it is the only way to learn the port.
+    metrics = f"metrics on :{server.metrics_port}/metrics, " if server.metrics_port else ""
     print(
-        f"WISP server listening on {config.host}:{server.port} (ready in {time.monotonic() - started:.1f}s)", flush=True
+        f"WISP server listening on {config.host}:{server.port} ({metrics}ready in {time.monotonic() - started:.1f}s)",
+        flush=True,
     )
 
     stop = threading.Event()

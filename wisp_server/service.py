@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ import grpc
 
 from wisp_common import __version__
 from wisp_common.config import ServerConfig
+from wisp_common.features import encode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
@@ -41,6 +43,7 @@ class WispService(pb_grpc.WispServicer):
         self.config = config
         self.engine = engine
         self.scheduler = scheduler
+        self.metrics = scheduler.metrics
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -91,6 +94,7 @@ class WispService(pb_grpc.WispServicer):
                 if verdict.finished:
                     return
         except RequestError as error:
+            self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
         finally:
             if session is not None:
@@ -113,6 +117,7 @@ class WispService(pb_grpc.WispServicer):
                 if verdict.finished or not context.is_active():
                     return
         except RequestError as error:
+            self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
         finally:
             if session is not None:
@@ -144,10 +149,17 @@ class WispService(pb_grpc.WispServicer):
             open_msg.sampling,
             open_msg.stop,
             open_msg.slo,
+            features=open_msg.return_features,
         )
 
     def _start_session(
-        self, prompt: list[int], committed: list[int], sampling: pb.SamplingParams, stop: pb.StopCondition, slo: pb.Slo
+        self,
+        prompt: list[int],
+        committed: list[int],
+        sampling: pb.SamplingParams,
+        stop: pb.StopCondition,
+        slo: pb.Slo,
+        features: bool = False,
     ) -> Session:
         if not prompt:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; send at least one token")
@@ -181,18 +193,22 @@ class WispService(pb_grpc.WispServicer):
                     f"the server is at its limit of {self.config.max_sessions} sessions; retry later",
                 )
             self._sessions[session.session_id] = session
+            self.metrics.sessions_active.set(len(self._sessions))
         max_tokens = min(len(session.context) + session.room, self.config.max_context_tokens)
         try:
-            self.engine.add_session(session.session_id, session.context, params, max_tokens)
+            self.engine.add_session(session.session_id, session.context, params, max_tokens, features)
         except EngineFull as error:
             with self._lock:
                 self._sessions.pop(session.session_id, None)
+                self.metrics.sessions_active.set(len(self._sessions))
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+        self.metrics.sessions.inc()
         return session
 
     def _close(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.session_id, None)
+            self.metrics.sessions_active.set(len(self._sessions))
         self.engine.remove_session(session.session_id)
 
     def _check_token_ids(self, tokens: list[int], what: str) -> None:
@@ -205,6 +221,7 @@ class WispService(pb_grpc.WispServicer):
             )
 
     def _verify_round(self, session: Session, draft: pb.DraftRound) -> pb.Verdict:
+        started = time.monotonic()
         if draft.position != len(session.context):
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -251,6 +268,16 @@ class WispService(pb_grpc.WispServicer):
         )
         if commit.next_token is not None:
             verdict.next_token = commit.next_token
+        features = result.verification.features
+        if features is not None:  # rows from the first position this round computed, up to the new context's end
+            first = shape.context_tokens
+            verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - first]))
+        m = self.metrics
+        m.rounds.inc()
+        m.draft_tokens.inc(len(drafts))
+        m.accepted_tokens.inc(commit.num_accepted)
+        m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
+        m.round_overhead_seconds.observe(time.monotonic() - started - result.queue_seconds - result.verify_seconds)
         return verdict
 
     def _hints(self, session: Session) -> pb.Hints:

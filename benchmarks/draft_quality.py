@@ -1,0 +1,224 @@
+"""How good a draft is for its target, on the MT-Bench first turns, measured three ways in one run:
+
+1. agreement: the target answers every question greedily (96 tokens) through
+   WISP's engine, with its features; the draft, fed the target's features and
+   tokens (teacher forcing), predicts each answer token. The share it gets
+   right is its greedy agreement.
+2. tokens per round: real edge sessions through a real server (vllm engine)
+   at fixed speculation lengths, several sessions at once: tokens committed
+   per verification round, the figure that decides the server's capacity.
+3. cost: the draft's and the target's time per token at batch 1 with a KV
+   cache, in this process, in alternating turns; and each one's tokens/s.
+
+    python benchmarks/draft_quality.py                     # the default pair
+    python benchmarks/draft_quality.py --draft-model DIR --server-prompts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import RESULTS, print_table, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+
+
+def target_answers(args, prompts: list[list[int]], eos: int | None):
+    """The target's greedy answers and features, through the engine the server uses."""
+    from wisp_common.config import DistillConfig
+    from wisp_server import distill
+
+    config = DistillConfig(target_model=args.target_model, engine="vllm", dtype=args.dtype, concurrency=len(prompts))
+    engine = distill.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
+    indexed = dict(enumerate(prompts))
+    samples = dict(distill.answer(engine, indexed, args.answer_tokens, len(prompts), eos))
+    return [samples[i] for i in range(len(prompts))]
+
+
+def agreement(draft_model, samples) -> float:
+    from wisp_server import distill
+
+    batches = distill.make_batches(samples, 4096, random.Random(0))
+    return distill.evaluate(draft_model, batches, "cpu", 1.0)
+
+
+def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int | None) -> dict:
+    """Sessions through a real server, ``concurrency`` at once; ``length`` None: the adaptive controller."""
+    import grpc
+
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_edge.client import EdgeClient
+    from wisp_edge.controller import AcceptancePredictor
+
+    tokenizer = load_tokenizer(args.draft_model)
+    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    predictor = None if length else AcceptancePredictor.beside(resolve_model(args.draft_model))
+    work = list(prompts)
+    totals = {"tokens": 0, "rounds": 0, "sent": 0, "accepted": 0}
+    lock = threading.Lock()
+
+    def device() -> None:
+        client = EdgeClient(grpc.insecure_channel(args.server), make_drafter(), identity, predictor=predictor)
+        while True:
+            with lock:
+                if not work:
+                    return
+                prompt = work.pop()
+            stats = client.generate(prompt, max_new_tokens=args.answer_tokens, draft_tokens=length or 8).stats
+            with lock:
+                for key, value in (("tokens", stats.generated), ("rounds", stats.rounds)):
+                    totals[key] += value
+                totals["sent"] += stats.sent
+                totals["accepted"] += stats.accepted
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=device) for _ in range(args.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {**totals, "wall_seconds": time.monotonic() - started}
+
+
+def cost(args, prompt: list[int], target, draft_model) -> dict[str, float]:
+    """Median seconds per token at batch 1 with a KV cache: target decode steps vs draft steps, in turns."""
+    from transformers import DynamicCache
+
+    from wisp_edge.eagle import EagleDrafter
+
+    with torch.inference_mode():
+        features = target.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+    times: dict[str, list[float]] = {"target": [], "draft": []}
+    for _ in range(args.cost_turns):
+        cache = DynamicCache()
+        with torch.inference_mode():
+            logits = target(input_ids=torch.tensor([prompt]), past_key_values=cache).logits[0, -1]
+            for _ in range(args.cost_tokens):
+                start = time.perf_counter()
+                logits = target(input_ids=logits.argmax().view(1, 1), past_key_values=cache).logits[0, -1]
+                times["target"].append(time.perf_counter() - start)
+        drafter = EagleDrafter(draft_model)
+        drafter.start(prompt[:-1])
+        drafter.commit(0, prompt[-1], features[:-1])
+        drafter.draft_one()  # the pass over the prompt's features, not a per-token cost
+        for _ in range(args.cost_tokens):
+            start = time.perf_counter()
+            drafter.draft_one()
+            times["draft"].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = list(result["tokens_per_round"])
+    left.bar(labels, [result["tokens_per_round"][k] for k in labels], color="tab:blue")
+    left.axhline(1.8, color="tab:red", linestyle="--", label="bar: 1.8")
+    left.set(title="tokens committed per verification round", xlabel="speculation length", ylabel="tokens / round")
+    left.legend()
+    names = ["target", "draft"]
+    right.bar(names, [1 / result["seconds_per_token"][n] for n in names], color=["tab:gray", "tab:green"])
+    right.set(
+        title=f"batch-1 speed (draft/target cost {result['cost_ratio']:.3f}); agreement {result['agreement']:.3f}",
+        ylabel="tokens / s",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target-model", default="smollm2-135m-instruct")
+    parser.add_argument("--draft-model", default="smollm2-135m-wisp-draft")
+    parser.add_argument("--prompts", default=str(MT_BENCH), help="JSONL / MT-Bench / ShareGPT prompts")
+    parser.add_argument("--dtype", default="float32", help="the target's dtype, in the server and for agreement")
+    parser.add_argument("--answer-tokens", type=int, default=96)
+    parser.add_argument("--server-prompts", type=int, default=40, help="prompts answered through the server per length")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2, 3, 4], help="fixed speculation lengths")
+    parser.add_argument("--concurrency", type=int, default=8, help="edge sessions at once")
+    parser.add_argument("--cost-tokens", type=int, default=32)
+    parser.add_argument("--cost-turns", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in this process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from wisp_common.models import load_causal_lm, load_tokenizer
+    from wisp_common.prompts import load_prompts
+    from wisp_edge.cli import encode_prompt
+    from wisp_edge.drafter import drafter_factory
+    from wisp_edge.eagle import EagleDrafter
+    from wisp_server.launcher import ServerProcess
+
+    tokenizer = load_tokenizer(args.target_model)
+    prompts = [encode_prompt(tokenizer, text, chat=True) for text in load_prompts(args.prompts)]
+    make_drafter = drafter_factory(args.draft_model)
+    if not isinstance(make_drafter(), EagleDrafter):
+        raise SystemExit(f"{args.draft_model} is not a feature-conditioned draft (made by wisp-distill)")
+    draft_model = make_drafter().model
+
+    print(f"1/3 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
+    samples = target_answers(args, prompts, tokenizer.eos_token_id)
+    rate = agreement(draft_model, samples)
+
+    print("2/3 tokens per round through a real server", file=sys.stderr)
+    rounds: dict[str, float] = {}
+    details: dict[str, dict] = {}
+    server_args = ["--target-model", args.target_model, "--engine", "vllm", "--dtype", args.dtype]
+    with ServerProcess([*server_args, "--max-draft-tokens", "8"], log_prefix=None) as server:
+        args.server = server.address
+        for length in [*args.lengths, None]:
+            name = str(length) if length else "adaptive"
+            totals = tokens_per_round(args, prompts[: args.server_prompts], make_drafter, length)
+            rounds[name] = totals["tokens"] / totals["rounds"]
+            details[name] = totals
+            print(f"  length {name}: {rounds[name]:.2f} tokens/round", file=sys.stderr)
+
+    print("3/3 cost per token at batch 1", file=sys.stderr)
+    target = load_causal_lm(args.target_model, "float32")
+    seconds = cost(args, prompts[0], target, draft_model)
+    result = {
+        "target_model": args.target_model,
+        "draft_model": args.draft_model,
+        "agreement": rate,
+        "tokens_per_round": rounds,
+        "server_runs": details,
+        "seconds_per_token": seconds,
+        "tokens_per_second": {name: 1 / s for name, s in seconds.items()},
+        "cost_ratio": seconds["draft"] / seconds["target"],
+        "args": vars(args),
+    }
+    best = max(rounds[str(n)] for n in args.lengths)
+    print_table(
+        ["metric", "value", "bar"],
+        [
+            ["greedy agreement (teacher forcing, MT-Bench)", round(rate, 3), ">= 0.45"],
+            *[[f"tokens/round, length {k}", round(v, 2), ">= 1.8 (best of 2-4)"] for k, v in rounds.items()],
+            ["draft / target time per token (batch 1)", round(result["cost_ratio"], 3), "<= 0.15"],
+            ["target tokens/s (batch 1, HF)", round(1 / seconds["target"], 1), ""],
+            ["draft tokens/s (batch 1)", round(1 / seconds["draft"], 1), ""],
+        ],
+    )
+    print(f"best fixed length: {best:.2f} tokens/round")
+    png = RESULTS / "draft_quality.png"
+    plot(result, png)
+    print(f"wrote {write_json('draft_quality', result)} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""WISP, SLED, FCFS and centralized serving side by side on one workload, with one SLO.
+
+Configurations (each a fresh server; the edges run the same code, configured differently):
+
+* `wisp`: server policy wisp; edges with the speculation controller and pipelined drafting;
+* `sled`: server policy sled (static batches: full, or a time window); edges draft a fixed length;
+* `fcfs`: server policy fcfs; edges draft a fixed length;
+* `centralized`: the server's Generate RPC: the target alone, vLLM continuous batching.
+
+N emulated devices, threads of this process, answer MT-Bench first turns from
+a shared queue until it is empty; each has its own drafter over one shared
+draft model. With ``--pin`` (default) the devices share core 0 and the server
+has core 1, so drafting and verification do not fight over a core (real
+devices bring their own processors; here 8 of them share one, which slows
+drafting and so favours `centralized`).
+
+A request meets its SLO when its TTFT and its TPOT (time per output token
+after the first) are both within target. Goodput: output tokens of the
+requests that met their SLO, per second of the run. The configurations take
+turns in alternating order ``--repeats`` times; figures are medians over the
+turns. The server's own overhead per round (gRPC, scheduling, bookkeeping:
+everything but the forward pass and the wait for a batch) comes from the
+devices' round trips and the server's Prometheus metrics.
+
+    python benchmarks/policies.py                        # 8 devices, 32 prompts, 2 turns
+    python benchmarks/policies.py --devices 4 --prompts 16 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draft_quality import MT_BENCH  # noqa: E402
+from report import RESULTS, print_table, write_json  # noqa: E402
+
+CONFIGS = ("wisp", "sled", "fcfs", "centralized")
+
+
+@dataclass
+class Request:
+    tokens: int
+    ttft: float
+    tpot: float
+    wall: float
+    stats: dict | None = None  # the edge's GenerationStats summary (speculative configurations)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's metrics, read by Prometheus' own parser (sums over label values)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def run_devices(args, config: str, address: str, prompts: list[list[int]], make_drafter, identity) -> list[Request]:
+    import grpc
+
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+    from wisp_common.request import Slo
+    from wisp_edge.client import EdgeClient
+    from wisp_edge.controller import AcceptancePredictor
+
+    work = list(reversed(prompts))
+    done: list[Request] = []
+    lock = threading.Lock()
+    slo = Slo(args.slo_ttft, args.slo_tpot)
+
+    def centralized(stub, prompt: list[int]) -> Request:
+        started, first, count = time.monotonic(), None, 0
+        request = pb.GenerateRequest(prompt_token_ids=prompt, stop=pb.StopCondition(max_new_tokens=args.answer_tokens))
+        for response in stub.Generate(request, timeout=600):
+            count += len(response.token_ids)
+            first = first or time.monotonic()
+        end = time.monotonic()
+        return Request(count, first - started, (end - first) / max(count - 1, 1), end - started)
+
+    def device() -> None:
+        channel = grpc.insecure_channel(address)
+        stub, client = pb_grpc.WispStub(channel), None
+        if config != "centralized":
+            predictor = AcceptancePredictor.beside(args.draft_path) if config == "wisp" else None
+            client = EdgeClient(channel, make_drafter(), identity, predictor=predictor, pipeline=config == "wisp")
+        while True:
+            with lock:
+                if not work:
+                    return
+                prompt = work.pop()
+            if client is None:
+                request = centralized(stub, prompt)
+            else:
+                result = client.generate(
+                    prompt, max_new_tokens=args.answer_tokens, draft_tokens=args.draft_tokens, slo=slo
+                )
+                s = result.stats
+                tpot = (s.wall_seconds - s.ttft_seconds) / max(s.generated - 1, 1)
+                request = Request(s.generated, s.ttft_seconds, tpot, s.wall_seconds, s.summary())
+            with lock:
+                done.append(request)
+
+    threads = [threading.Thread(target=device) for _ in range(args.devices)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return done
+
+
+def measure(args, config: str, prompts, make_drafter, identity) -> dict:
+    from wisp_server.launcher import ServerProcess
+
+    policy = "fcfs" if config == "centralized" else config
+    server_args = ["--target-model", args.target_model, "--engine", "vllm", "--dtype", args.dtype]
+    server_args += ["--policy", policy, "--max-sessions", str(args.devices + 4), "--max-draft-tokens", "8"]
+    env, cpus = ({"VLLM_CPU_OMP_THREADS_BIND": "1"}, {1}) if args.pin else ({}, None)
+    with ServerProcess(server_args, log_prefix=None, env=env, cpus=cpus) as server:
+        before = scrape(server.metrics_port)
+        started = time.monotonic()
+        requests = run_devices(args, config, server.address, prompts, make_drafter, identity)
+        wall = time.monotonic() - started
+        after = scrape(server.metrics_port)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    met = [r for r in requests if r.ttft <= args.slo_ttft and r.tpot <= args.slo_tpot]
+    result = {
+        "requests": len(requests),
+        "wall_seconds": wall,
+        "throughput": sum(r.tokens for r in requests) / wall,
+        "goodput": sum(r.tokens for r in met) / wall,
+        "slo_attainment": len(met) / len(requests),
+        "mean_ttft": statistics.mean(r.ttft for r in requests),
+        "mean_tpot": statistics.mean(r.tpot for r in requests),
+        "rounds": delta.get("wisp_rounds_total", 0.0),
+        "batches": delta.get("wisp_verify_seconds_count", 0.0),
+        "mean_batch_size": delta.get("wisp_batch_size_sum", 0.0) / max(delta.get("wisp_batch_size_count", 0.0), 1),
+        "verify_seconds": delta.get("wisp_verify_seconds_sum", 0.0),
+        "schedule_seconds": delta.get("wisp_schedule_seconds_sum", 0.0),
+        "bookkeeping_seconds": delta.get("wisp_round_overhead_seconds_sum", 0.0),
+    }
+    edges = [r.stats for r in requests if r.stats]
+    if edges:
+        total = {k: sum(e[k] for e in edges) for k in ("drafted", "sent", "accepted", "tokens", "rounds")}
+        seconds = {k: sum(e[k] for e in edges) for k in ("round_trip_seconds", "idle_seconds", "wall_seconds")}
+        waited = sum(e["server_queue_seconds"] + e["server_verify_seconds"] for e in edges)
+        rounds = max(total["rounds"], 1)
+        # A round's trip is: waiting for its batch (the policy's choice included), the batch's forward pass,
+        # and the rest: gRPC, the service's bookkeeping. The policy's time is added back from the metrics.
+        scheduling = result["schedule_seconds"] * result["mean_batch_size"]
+        overhead = seconds["round_trip_seconds"] - waited + scheduling
+        result.update(
+            acceptance=total["accepted"] / max(total["sent"], 1),
+            tokens_per_round=total["tokens"] / rounds,
+            wasted_draft_share=(total["drafted"] - total["accepted"]) / max(total["drafted"], 1),
+            edge_idle_share=seconds["idle_seconds"] / seconds["wall_seconds"],
+            round_trip_ms=1000 * seconds["round_trip_seconds"] / rounds,
+            scheduling_ms_per_round=1000 * scheduling / rounds,
+            bookkeeping_ms_per_round=1000 * result["bookkeeping_seconds"] / rounds,
+            overhead_ms_per_round=1000 * overhead / rounds,
+            overhead_share=overhead / seconds["round_trip_seconds"],
+        )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target-model", default="smollm2-135m-instruct")
+    parser.add_argument("--draft-model", default="smollm2-135m-wisp-draft")
+    parser.add_argument("--dtype", default="bfloat16", help="the target's dtype in the server")
+    parser.add_argument("--prompts-file", default=str(MT_BENCH))
+    parser.add_argument("--prompts", type=int, default=32, help="requests per configuration")
+    parser.add_argument("--devices", type=int, default=8, help="emulated devices, concurrent sessions")
+    parser.add_argument("--answer-tokens", type=int, default=96)
+    parser.add_argument("--draft-tokens", type=int, default=4, help="fixed length (sled, fcfs); the most for wisp")
+    parser.add_argument("--slo-ttft", type=float, default=2.0)
+    parser.add_argument("--slo-tpot", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=2, help="turns per configuration, in alternating order")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument(
+        "--pin", action=argparse.BooleanOptionalAction, default=True, help="devices core 0, server core 1"
+    )
+    args = parser.parse_args()
+
+    import torch
+
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from wisp_common.prompts import load_prompts
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_edge.cli import encode_prompt
+    from wisp_edge.drafter import drafter_factory
+
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer(args.target_model)
+    prompts = [encode_prompt(tokenizer, p, chat=True) for p in load_prompts(args.prompts_file)][: args.prompts]
+    args.draft_path = resolve_model(args.draft_model)
+    make_drafter = drafter_factory(args.draft_model)
+    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    if args.pin:
+        os.sched_setaffinity(0, {0})
+
+    turns: dict[str, list[dict]] = {c: [] for c in args.configs}
+    for repeat in range(args.repeats):
+        for config in args.configs if repeat % 2 == 0 else list(reversed(args.configs)):
+            print(f"turn {repeat + 1}/{args.repeats}: {config} ...", file=sys.stderr, flush=True)
+            turns[config].append(measure(args, config, prompts, make_drafter, identity))
+            m = turns[config][-1]
+            print(f"  goodput {m['goodput']:.1f} tok/s, SLO {m['slo_attainment']:.0%}", file=sys.stderr, flush=True)
+    results = {c: {k: statistics.median(t[k] for t in runs) for k in runs[0]} for c, runs in turns.items()}
+
+    base = results.get("centralized", {}).get("goodput") or None
+    rows = []
+    for config, r in results.items():
+        rows.append(
+            [
+                config,
+                round(r["goodput"], 1),
+                round(r["goodput"] / base, 2) if base else "-",
+                f"{r['slo_attainment']:.0%}",
+                round(1000 * r["mean_ttft"]),
+                round(1000 * r["mean_tpot"], 1),
+                f"{r['acceptance']:.0%}" if "acceptance" in r else "-",
+                round(r.get("tokens_per_round", 1.0), 2),
+                f"{r['wasted_draft_share']:.0%}" if "wasted_draft_share" in r else "-",
+                f"{r['edge_idle_share']:.0%}" if "edge_idle_share" in r else "-",
+                f"{r['overhead_ms_per_round']:.2f} ({r['overhead_share']:.1%})" if "overhead_share" in r else "-",
+            ]
+        )
+    headers = ["config", "goodput", "vs central", "SLO met", "TTFT ms", "TPOT ms", "accept", "tok/round"]
+    print_table([*headers, "wasted", "edge idle", "overhead ms/round (share)"], rows)
+    path = write_json("policies", {"args": {k: v for k, v in vars(args).items()}, "median": results, "turns": turns})
+    png = RESULTS / "policies.png"
+    plot(results, args, png)
+    print(f"wrote {path} and {png}")
+    return 0
+
+
+def plot(results: dict, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(names, [results[n]["goodput"] for n in names], color="tab:blue")
+    left.set(title=f"goodput, {args.devices} devices", ylabel="tokens/s within SLO")
+    right.bar(names, [100 * results[n]["slo_attainment"] for n in names], color="tab:green")
+    right.set(title=f"SLO attainment (TTFT {args.slo_ttft}s, TPOT {args.slo_tpot}s)", ylabel="% of requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

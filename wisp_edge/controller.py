@@ -1,0 +1,175 @@
+"""`SpeculationController`: decides, token by token, when the edge stops drafting and sends (WISP §4).
+
+Every draft token after the first one the target rejects is wasted work,
+and a longer round also keeps the device waiting longer for its verdict.
+The controller reads the draft's signals for each token it drafts (top-1
+probability, entropy, top-1/top-2 margin, position in the round), and an
+`AcceptancePredictor`, a logistic model, turns them into the chance that
+the target accepts that token. Drafting stops when
+
+* the chance that the whole run drafted so far is accepted falls under
+  ``min_run_probability`` (the first draft always goes: its verdict keeps
+  the predictor learning), or
+* one more token would make the round slower than the session's TPOT
+  target allows for the tokens it is expected to commit, counting the
+  measured round trip and the server's hints for queueing and verification,
+  or
+* ``max_drafts`` are drafted.
+
+The predictor is fitted from logged verdicts (`wisp-edge calibrate`), saved
+as ``controller.json`` beside the draft, and keeps adapting online: each
+verdict labels the tokens up to and including the first rejection, and each
+label moves the weights one small gradient step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wisp_edge.drafter import DraftSignals
+
+PREDICTOR_FILE = "controller.json"
+
+
+def predictor_features(signals: DraftSignals, position: int) -> np.ndarray:
+    """The model's inputs: a bias, the draft's confidence, and how deep into the round the token is."""
+    return np.array([1.0, signals.top1, signals.entropy, signals.margin, position / 8.0])
+
+
+def verdict_labels(signals: Sequence[DraftSignals], num_sent: int, num_accepted: int):
+    """What a verdict teaches: (signals, position, accepted) for each draft up to and including the first rejection.
+
+    Drafts after the first rejection were never verified, so they carry no label.
+    """
+    return [(signals[p], p, p < num_accepted) for p in range(min(num_sent, num_accepted + 1))]
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, x))))
+
+
+@dataclass
+class AcceptancePredictor:
+    """P(target accepts a draft token | the draft's signals): logistic regression."""
+
+    # Before any data: the draft's own top-1 probability, roughly calibrated.
+    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 4.0, 0.0, 0.0, 0.0]))
+    learning_rate: float = 0.05  # online step size
+
+    def probability(self, signals: DraftSignals, position: int) -> float:
+        return _sigmoid(float(self.weights @ predictor_features(signals, position)))
+
+    def update(self, signals: DraftSignals, position: int, accepted: bool) -> None:
+        """One online gradient step on the log loss."""
+        x = predictor_features(signals, position)
+        self.weights += self.learning_rate * (float(accepted) - _sigmoid(float(self.weights @ x))) * x
+
+    @classmethod
+    def fit(cls, rows: Sequence[tuple[DraftSignals, int, bool]], l2: float = 1e-3, iterations: int = 50):
+        """Maximum likelihood by Newton's method (IRLS) on (signals, position, accepted) rows."""
+        x = np.stack([predictor_features(s, p) for s, p, _ in rows])
+        y = np.array([float(a) for _, _, a in rows])
+        w = np.zeros(x.shape[1])
+        for _ in range(iterations):
+            p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+            gradient = x.T @ (p - y) + l2 * w
+            hessian = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(len(w))
+            step = np.linalg.solve(hessian, gradient)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return cls(w)
+
+    def log_loss(self, rows: Sequence[tuple[DraftSignals, int, bool]]) -> float:
+        probabilities = [self.probability(s, p) if a else 1 - self.probability(s, p) for s, p, a in rows]
+        return -float(np.mean(np.log(np.array(probabilities) + 1e-9)))
+
+    def save(self, path: str | Path) -> None:
+        record = {"features": "bias top1 entropy margin position/8", "weights": self.weights.tolist()}
+        Path(path).write_text(json.dumps(record) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AcceptancePredictor:
+        return cls(np.array(json.loads(Path(path).read_text())["weights"], dtype=float))
+
+    @classmethod
+    def beside(cls, model_path: str) -> AcceptancePredictor:
+        """The predictor fitted for a draft, if one was saved in its directory, else the prior."""
+        path = Path(model_path) / PREDICTOR_FILE
+        return cls.load(path) if path.is_file() else cls()
+
+
+@dataclass
+class RoundTiming:
+    """What a round costs besides drafting, in seconds: what the controller's time cap works with."""
+
+    tpot_slo: float = 0.0  # the session's time-per-output-token target; 0: no time cap
+    rtt: float = 0.0  # measured network round trip
+    queue: float = 0.0  # the server's hint: waiting for a batch
+    verify: float = 0.0  # the server's hint: verification
+    draft_token: float = 0.0  # measured drafting time per token
+
+
+class SpeculationController:
+    """Adaptive (WISP) or fixed-length (SLED) decisions of how many tokens a round drafts."""
+
+    def __init__(
+        self,
+        predictor: AcceptancePredictor | None,
+        max_drafts: int,
+        min_run_probability: float = 0.25,
+        adapt_online: bool = True,
+    ):
+        self.predictor = predictor  # None: fixed length, always max_drafts
+        self.max_drafts = max_drafts
+        self.min_run_probability = min_run_probability
+        self.adapt_online = adapt_online
+
+    @property
+    def adaptive(self) -> bool:
+        return self.predictor is not None
+
+    def round_length(self, signals: Sequence[DraftSignals], timing: RoundTiming, can_draft_more: bool) -> int | None:
+        """How many of the drafts with ``signals`` to send now; None asks for one more draft first."""
+        if not self.adaptive:
+            return None if len(signals) < self.max_drafts and can_draft_more else min(len(signals), self.max_drafts)
+        run, expected = 1.0, 1.0  # chance that every draft so far is accepted; tokens the round commits
+        for position, s in enumerate(signals[: self.max_drafts]):
+            p = self.predictor.probability(s, position)
+            # The first draft always goes (time allowing): its verdict is what keeps the predictor learning.
+            unlikely = position > 0 and run * p < self.min_run_probability
+            if unlikely or not self._in_budget(position, run * p, expected, timing):
+                return position
+            run *= p
+            expected += run
+        length = min(len(signals), self.max_drafts)
+        # Draft another token only if it could be worth its time even if it is certain to be accepted.
+        if length == self.max_drafts or not can_draft_more or not self._in_budget(length, run, expected, timing):
+            return length
+        return None
+
+    def _in_budget(self, position: int, run: float, expected: float, timing: RoundTiming) -> bool:
+        """Whether drafting token ``position`` keeps the round's time per committed token within the TPOT target.
+
+        A round already slower than the target (a long queue, say) may still draft while each token
+        brings its time per committed token down.
+        """
+        if timing.tpot_slo <= 0:
+            return True
+        fixed = timing.rtt + timing.queue + timing.verify
+        before = (position * timing.draft_token + fixed) / expected
+        after = ((position + 1) * timing.draft_token + fixed) / (expected + run)
+        return after <= max(timing.tpot_slo, before)
+
+    def observe(self, signals: Sequence[DraftSignals], num_sent: int, num_accepted: int) -> None:
+        """Learns from a verdict: the accepted tokens, and the first rejected one, are labelled."""
+        if not (self.adaptive and self.adapt_online):
+            return
+        for row in verdict_labels(signals, num_sent, num_accepted):
+            self.predictor.update(*row)

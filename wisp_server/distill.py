@@ -1,0 +1,441 @@
+"""`wisp-distill`: trains a feature-conditioned (EAGLE-style) draft for a target model.
+
+Three stages, each resumable; `--stage all` runs whatever is not done yet:
+
+1. generate: the target answers training prompts greedily through WISP's own
+   `VerificationEngine` (vLLM where installed, so many answers share each
+   step). Each answer is stored with the target's feature at every position,
+   in half floats, in shards under the work directory.
+2. train: an `EagleDraftModel` learns to predict the target's next feature
+   from its current feature and the next token (smooth L1), and the target's
+   next-token distribution over the draft's trimmed vocabulary (soft cross
+   entropy), with noise on its input features so it copes with its own
+   predictions (Li et al. 2024). Progress lines show loss and the draft's
+   greedy agreement with the target on held-out answers; a checkpoint is
+   written as it goes.
+3. export: the trained draft, the target's tokenizer and a record of the
+   recipe, into the output directory; `wisp-edge --draft-model DIR` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from wisp_common.config import DistillConfig, ServerConfig, add_config_arguments, config_from_args
+from wisp_common.models import load_tokenizer, resolve_model
+from wisp_edge.eagle import EagleDraftModel, decoder_config_of, target_output_layers
+
+log = logging.getLogger("wisp_distill")
+
+SHARD_SIZE = 64
+AGREEMENT_IDS_BELOW = 8192  # the head always covers the tokenizer's most common ids
+
+
+@dataclass
+class Sample:
+    prompt_len: int
+    tokens: torch.Tensor  # int32 [prompt + answer]
+    features: torch.Tensor  # float16 [prompt + answer - 1, hidden]: the target's feature at each position
+
+
+def work_dir(config: DistillConfig) -> Path:
+    return Path(config.work_dir or f"{config.output}.work")
+
+
+def device_of(config: DistillConfig) -> str:
+    if config.device != "auto":
+        return config.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Progress:
+    """A line every ``every`` seconds: long stages must show they are alive."""
+
+    def __init__(self, every: float):
+        self.every, self.started, self.last = every, time.monotonic(), 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            return True
+        return False
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+# --- stage 1: the target's answers and features ------------------------------------------------
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    from wisp_edge.cli import encode_prompt
+
+    return encode_prompt(tokenizer, prompt, chat=True)
+
+
+def training_prompt_texts(config: DistillConfig) -> list[str]:
+    from wisp_common.prompts import load_prompts
+    from wisp_server.training_prompts import training_prompts, word_ngrams
+
+    exclude = load_prompts(config.exclude_file) if config.exclude_file else []
+    if not config.prompts_file:
+        return training_prompts(config.num_prompts, config.seed, exclude)
+    banned = set().union(*(word_ngrams(text, 8) for text in exclude)) if exclude else set()
+    prompts = [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
+    return prompts[: config.num_prompts]
+
+
+def target_engine(config: DistillConfig, max_context: int):
+    """WISP's own verification engine for the target, sized to answer ``concurrency`` prompts at once."""
+    from wisp_server.server import build_engine
+
+    return build_engine(
+        ServerConfig(
+            target_model=config.target_model,
+            engine=config.engine,
+            dtype=config.dtype,
+            device="cpu" if device_of(config) == "cpu" else "cuda",
+            threads=config.threads,
+            max_sessions=config.concurrency,
+            max_context_tokens=max_context,
+            max_batch_tokens=max(4096, max_context),
+            max_draft_tokens=1,
+            kv_cache_gib=config.kv_cache_gib,
+        )
+    )
+
+
+def answer(engine, prompts: dict[int, list[int]], max_answer_tokens: int, concurrency: int, eos: int | None):
+    """Greedy answers with the target's features, ``concurrency`` at a time; yields (index, Sample) as they end.
+
+    Every step decodes one token for every running answer (an empty draft), so
+    the engine batches them like plain continuous batching.
+    """
+    from wisp_common.request import SamplingParams
+    from wisp_server.engine import RoundRequest
+
+    queue = list(prompts)
+    longest = max(len(p) for p in prompts.values()) + max_answer_tokens + 1
+    active: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
+    while queue or active:
+        while queue and len(active) < concurrency:
+            index = queue.pop(0)
+            engine.add_session(str(index), prompts[index], SamplingParams(), longest, features=True)
+            active[index] = ([], [])
+        indices = list(active)
+        for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):
+            tokens, features = active[index]
+            tokens.append(verdict.next_token)
+            features.append(verdict.features.to(torch.float16))
+            if verdict.next_token == eos or len(tokens) >= max_answer_tokens:
+                engine.remove_session(str(index))
+                del active[index]
+                prompt = prompts[index]
+                yield index, Sample(len(prompt), torch.tensor(prompt + tokens, dtype=torch.int32), torch.cat(features))
+
+
+def generate(config: DistillConfig) -> None:
+    """Answers every prompt whose shard is missing; several shards' answers are generated together."""
+    data = work_dir(config) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(config.target_model)
+    prompts = [chat_ids(tokenizer, text) for text in training_prompt_texts(config)]
+    shards = math.ceil(len(prompts) / SHARD_SIZE)
+    todo = [s for s in range(shards) if not (data / f"shard-{s:05d}.pt").exists()]
+    wanted = {i: prompts[i] for s in todo for i in _shard_range(s, len(prompts))}
+    if not wanted:
+        log.info("generate: all %d shards present", shards)
+        return
+    engine = target_engine(config, max(len(p) for p in prompts) + config.max_answer_tokens + 1)
+    log.info("generate: %d prompts, %d shards, %d at once", len(wanted), len(todo), config.concurrency)
+    done: dict[int, Sample] = {}
+    progress, generated = Progress(config.log_every), 0
+    for index, sample in answer(engine, wanted, config.max_answer_tokens, config.concurrency, tokenizer.eos_token_id):
+        done[index] = sample
+        generated += len(sample.tokens) - sample.prompt_len
+        for shard in [s for s in todo if all(i in done for i in _shard_range(s, len(prompts)))]:
+            records = [asdict(done.pop(i)) for i in _shard_range(shard, len(prompts))]
+            torch.save(records, data / f"shard-{shard:05d}.pt")
+            todo.remove(shard)
+        if progress.due():
+            rate = generated / progress.elapsed
+            log.info("generate: %d shards left, %d answer tokens, %.0f tok/s", len(todo), generated, rate)
+
+
+def _shard_range(shard: int, total: int) -> range:
+    return range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, total))
+
+
+def load_samples(config: DistillConfig) -> list[Sample]:
+    files = sorted((work_dir(config) / "data").glob("shard-*.pt"))
+    if not files:
+        raise SystemExit(f"no training data in {work_dir(config) / 'data'}: run the generate stage first")
+    return [Sample(**record) for file in files for record in torch.load(file)]
+
+
+# --- stage 2: training ----------------------------------------------------------------------------
+
+
+def head_vocabulary(samples: list[Sample], size: int, vocab: int) -> torch.Tensor:
+    """The most common ids, plus every answer token by frequency, up to ``size`` ids."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for sample in samples:
+        counts += torch.bincount(sample.tokens[sample.prompt_len :].long(), minlength=vocab)
+    counts[: min(AGREEMENT_IDS_BELOW, vocab, size)] = counts.max() + 1
+    return torch.sort(torch.topk(counts, min(size, vocab)).indices).values
+
+
+def new_model(config: DistillConfig, head_ids: torch.Tensor) -> EagleDraftModel:
+    """The fusion layer starts as identity on the features; decoder layer and norm start as the target's last."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = resolve_model(config.target_model)
+    target_config = AutoConfig.from_pretrained(path)
+    embedding, head = target_output_layers(config.target_model)
+    model = EagleDraftModel(config.target_model, decoder_config_of(target_config), embedding, head, head_ids)
+    last = f"model.layers.{target_config.num_hidden_layers - 1}."
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                if key.startswith(last):
+                    state["decoder.layers.0." + key[len(last) :]] = handle.get_tensor(key).float()
+                elif key == "model.norm.weight":
+                    state["decoder.norm.weight"] = handle.get_tensor(key).float()
+    model.load_state_dict(state, strict=False)
+    hidden = embedding.shape[1]
+    with torch.no_grad():
+        model.fc.weight.normal_(std=0.02 / math.sqrt(hidden))
+        model.fc.weight[:, hidden:] += torch.eye(hidden)
+    return model
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # [b, n, h] the target's features at positions 0..n-1
+    tokens: torch.Tensor  # [b, n] the token after each position (x_{i+1})
+    next_features: torch.Tensor  # [b, n, h] the target's feature one position later (what the draft predicts)
+    labels: torch.Tensor  # [b, n] the target's greedy token two positions later; -1 where it is not an answer token
+    mask: torch.Tensor  # [b, n] real positions
+
+
+def make_batches(samples: list[Sample], batch_tokens: int, rng: random.Random) -> list[Batch]:
+    """Samples of similar length together, each batch under ``batch_tokens`` padded positions."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].features))
+    groups, group = [], []
+    for index in order:
+        width = len(samples[index].features) - 1
+        if group and width * (len(group) + 1) > batch_tokens:
+            groups.append(group)
+            group = []
+        group.append(index)
+    groups.append(group)
+    rng.shuffle(groups)
+    return [_collate([samples[i] for i in g]) for g in groups if g]
+
+
+def _collate(samples: list[Sample]) -> Batch:
+    n = max(len(s.features) for s in samples) - 1
+    hidden = samples[0].features.shape[1]
+    batch = Batch(
+        torch.zeros(len(samples), n, hidden, dtype=torch.float16),
+        torch.zeros(len(samples), n, dtype=torch.long),
+        torch.zeros(len(samples), n, hidden, dtype=torch.float16),
+        torch.full((len(samples), n), -1, dtype=torch.long),
+        torch.zeros(len(samples), n, dtype=torch.bool),
+    )
+    for row, s in enumerate(samples):
+        m = len(s.features) - 1  # pairs (f_i, x_{i+1}) whose next feature f_{i+1} is known
+        batch.features[row, :m] = s.features[:m]
+        batch.tokens[row, :m] = s.tokens[1 : m + 1].long()
+        batch.next_features[row, :m] = s.features[1 : m + 1]
+        labels = s.tokens[2 : m + 2].long()
+        answer = torch.arange(2, m + 2) >= s.prompt_len  # greedy answers are the target's own argmax
+        batch.labels[row, :m] = torch.where(answer, labels, torch.full_like(labels, -1))
+        batch.mask[row, :m] = True
+    return batch
+
+
+def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feature_std: float):
+    """Feature regression, soft cross entropy against the target over the head's vocabulary, and agreement."""
+    features = batch.features.to(device).float()
+    if noise > 0:
+        features = features + (torch.rand_like(features) * 2 - 1) * noise * feature_std
+    predicted, logits = model(features, batch.tokens.to(device))
+    mask = batch.mask.to(device)
+    target_features = batch.next_features.to(device).float()
+    regression = F.smooth_l1_loss(predicted[mask], target_features[mask])
+    with torch.no_grad():
+        target_probs = (target_features[mask] @ model.head.T).softmax(-1)
+    cross_entropy = -(target_probs * logits[mask].log_softmax(-1)).sum(-1).mean()
+    labels = batch.labels.to(device)
+    scored = labels >= 0
+    picked = model.head_ids[logits.argmax(-1)]
+    agreement = (picked[scored] == labels[scored]).float().sum().item(), int(scored.sum())
+    return regression, cross_entropy, agreement
+
+
+def evaluate(model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float) -> float:
+    """Greedy agreement under teacher forcing: the draft's top token equals the target's at answer positions."""
+    model.eval()
+    hits = total = 0
+    with torch.inference_mode():
+        for batch in batches:
+            _, _, (h, t) = losses(model, batch, device, 0.0, feature_std)
+            hits, total = hits + h, total + t
+    model.train()
+    return hits / max(total, 1)
+
+
+def train(config: DistillConfig) -> None:
+    device = device_of(config)
+    torch.manual_seed(config.seed)
+    samples = load_samples(config)
+    rng = random.Random(config.seed)
+    held = set(rng.sample(range(len(samples)), max(1, int(len(samples) * config.eval_fraction))))
+    train_set = [s for i, s in enumerate(samples) if i not in held]
+    eval_batches = make_batches([samples[i] for i in sorted(held)], config.batch_tokens, random.Random(0))
+    checkpoint_path = work_dir(config) / "checkpoint.pt"
+    vocab = len(load_tokenizer(config.target_model))
+    state = torch.load(checkpoint_path) if checkpoint_path.exists() else None
+    head_ids = state["head_ids"] if state else head_vocabulary(train_set, config.head_vocab, vocab)
+    model = new_model(config, head_ids).to(device)
+    feature_std = float(torch.cat([s.features[:64].float() for s in train_set[:200]]).std())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
+    batches_per_epoch = len(make_batches(train_set, config.batch_tokens, random.Random(0)))
+    total_steps = max(1, int(config.epochs * batches_per_epoch))
+    warmup = min(200, total_steps // 10 + 1)
+
+    def learning_rate(step: int) -> float:  # a fraction of the peak: linear warm-up, then cosine decay
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
+    step = 0
+    if state:
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        log.info("train: resumed at step %d of %d", step, total_steps)
+    covered = sum(int(torch.isin(s.tokens[s.prompt_len :].long(), head_ids).sum()) for s in samples)
+    answer_tokens = sum(len(s.tokens) - s.prompt_len for s in samples)
+    log.info(
+        "train: %d answers (%d tokens; %d held out), head of %d ids covers %.1f%% of answer tokens, %d steps on %s",
+        len(train_set),
+        answer_tokens,
+        len(held),
+        len(head_ids),
+        100 * covered / answer_tokens,
+        total_steps,
+        device,
+    )
+    model.train()
+    progress, checkpoints = Progress(config.log_every), Progress(10 * config.log_every)
+    seen, sums = 0, [0.0, 0.0, 0, 0, 0]  # feature loss, token CE, hits, scored positions, batches
+    epoch = step // batches_per_epoch
+    while step < total_steps:
+        batches = make_batches(train_set, config.batch_tokens, random.Random(config.seed + epoch))
+        for batch in batches[step % batches_per_epoch :]:
+            regression, cross_entropy, (hits, scored) = losses(model, batch, device, config.feature_noise, feature_std)
+            loss = regression + 0.1 * cross_entropy
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            seen += int(batch.mask.sum())
+            sums = [a + b for a, b in zip(sums, (regression.item(), cross_entropy.item(), hits, scored, 1))]
+            last = step >= total_steps
+            if progress.due() or last:
+                log.info(
+                    "train: step %d/%d (epoch %.2f), %.0f tok/s, feature loss %.4f, token CE %.3f, agreement %.3f",
+                    step,
+                    total_steps,
+                    step / batches_per_epoch,
+                    seen / progress.elapsed,
+                    sums[0] / sums[4],
+                    sums[1] / sums[4],
+                    sums[2] / max(1, sums[3]),
+                )
+                sums = [0.0, 0.0, 0, 0, 0]
+            if checkpoints.due() or last:
+                agreement = evaluate(model, eval_batches, device, feature_std)
+                log.info("train: held-out agreement %.3f; checkpoint saved at step %d", agreement, step)
+                save_checkpoint(checkpoint_path, model, optimizer, schedule, step, head_ids, agreement)
+            if last:
+                break
+        epoch += 1
+
+
+def save_checkpoint(path: Path, model, optimizer, schedule, step: int, head_ids, agreement: float) -> None:
+    trainable = {k: v for k, v in model.state_dict().items() if k not in ("embed.weight",)}
+    state = {
+        "model": trainable,
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "step": step,
+        "head_ids": head_ids,
+        "agreement": agreement,
+    }
+    torch.save(state, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
+# --- stage 3: export ------------------------------------------------------------------------------
+
+
+def export(config: DistillConfig) -> None:
+    checkpoint_path = work_dir(config) / "checkpoint.pt"
+    if not checkpoint_path.exists():
+        raise SystemExit(f"no checkpoint at {checkpoint_path}: run the train stage first")
+    state = torch.load(checkpoint_path)
+    model = new_model(config, state["head_ids"])
+    model.load_state_dict(state["model"], strict=False)
+    out = Path(config.output)
+    model.save(out)
+    load_tokenizer(config.target_model).save_pretrained(out)
+    record = {"recipe": asdict(config), "steps": state["step"], "held_out_agreement": state["agreement"]}
+    (out / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("export: draft written to %s (held-out agreement %.3f)", out, state["agreement"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wisp-distill",
+        description="Train a feature-conditioned draft for a target model: generate, train, export (resumable).",
+    )
+    add_config_arguments(parser, DistillConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    config = config_from_args(DistillConfig, args)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    stages = {"generate": generate, "train": train, "export": export}
+    try:
+        for name, stage in stages.items():
+            if config.stage in ("all", name):
+                stage(config)
+    except KeyboardInterrupt:
+        log.info("interrupted: run the same command again to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
