@@ -79,9 +79,8 @@ class WispServer:
         self.estimator = VerificationTimeEstimator()
         if config.profile_estimator:
             started = time.monotonic()
-            profile(
-                engine, self.estimator, config.max_batch_sessions, config.max_context_tokens, config.max_draft_tokens
-            )
+            batch_sessions = min(config.max_batch_sessions, config.max_sessions)
+            profile(engine, self.estimator, batch_sessions, config.max_context_tokens, config.max_draft_tokens)
             log.info(
                 "verification time estimator profiled in %.1fs: MAPE %.1f%% over %d batches",
                 time.monotonic() - started,
