@@ -28,7 +28,9 @@ PROMPTS = [
 def run_edge(name: str, prompt: str, address: str, args: argparse.Namespace, summaries: dict) -> subprocess.Popen:
     command = [sys.executable, "-u", "-m", "wisp_edge.cli", "generate", prompt, "--server", address]
     command += ["--draft-model", args.draft_model, "--max-new-tokens", str(args.max_new_tokens)]
-    command += ["--draft-tokens", str(args.draft_tokens), "--device-id", name, "--summary-json", "--threads", "1"]
+    command += ["--device-id", name, "--summary-json", "--threads", "1"]
+    if args.draft_tokens:
+        command += ["--draft-tokens", str(args.draft_tokens)]
     edge = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def stream_answer() -> None:
@@ -65,7 +67,7 @@ def main() -> int:
     parser.add_argument("--draft-model", default=DEFAULT_DRAFT)
     parser.add_argument("--edges", type=int, default=2, help="edge processes to run at once")
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--draft-tokens", type=int, default=3)
+    parser.add_argument("--draft-tokens", type=int, help="most drafts per round (default: wisp-edge's)")
     args = parser.parse_args()
 
     print(f"preparing models {args.target_model} and {args.draft_model} (built once, then cached)", flush=True)

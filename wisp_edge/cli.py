@@ -2,7 +2,7 @@
 
     wisp-edge generate "What is the capital of France?"
     wisp-edge generate --prompts-file questions.jsonl --output answers.jsonl
-    wisp-edge calibrate --prompts-file questions.jsonl
+    wisp-edge calibrate [--prompts-file questions.jsonl]
     wisp-edge info
 
 `generate` drafts locally, verifies on the server and streams the committed
@@ -141,9 +141,13 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from wisp_common.models import resolve_model
+    from wisp_common.training_prompts import training_prompts
     from wisp_edge.controller import PREDICTOR_FILE, AcceptancePredictor, verdict_labels
 
-    prompts = load_prompts(args.prompts_file, args.limit)
+    if args.prompts_file:
+        prompts = load_prompts(args.prompts_file, args.limit)
+    else:  # other draws than the ones wisp-distill trains on (seed 0)
+        prompts = training_prompts(args.limit, seed=1)
     client, tokenizer = build_client(config)
     client.predictor, client.pipeline, client.round_log = None, False, []  # fixed long rounds: labels deep in them
     for index, prompt in enumerate(prompts):
@@ -187,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--output", help="write one JSON line per answer: text, token ids, statistics")
     generate.add_argument("--summary-json", action="store_true", help="print each summary as JSON on stderr")
     calibrate = commands.add_parser("calibrate", help="fit the speculation controller to this draft and target")
-    calibrate.add_argument("--prompts-file", required=True, help="JSONL (prompt / MT-Bench turns / ShareGPT) prompts")
-    calibrate.add_argument("--limit", type=int, help="use only the first N prompts")
+    calibrate.add_argument(
+        "--prompts-file", help="JSONL (prompt / MT-Bench turns / ShareGPT) prompts (default: built-in templated ones)"
+    )
+    calibrate.add_argument("--limit", type=int, default=40, help="use only the first N prompts")
     calibrate.add_argument("--output", help="where to write the predictor (default: the draft's directory)")
     info = commands.add_parser("info", help="show the server's target model and limits")
     for sub in (generate, calibrate, info):

@@ -88,7 +88,7 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 def training_prompt_texts(config: DistillConfig) -> list[str]:
     from wisp_common.prompts import load_prompts
-    from wisp_server.training_prompts import training_prompts, word_ngrams
+    from wisp_common.training_prompts import training_prompts, word_ngrams
 
     exclude = load_prompts(config.exclude_file) if config.exclude_file else []
     if not config.prompts_file:
