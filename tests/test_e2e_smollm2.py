@@ -85,6 +85,18 @@ def test_two_edge_processes_at_once_are_lossless(server, tmp_path, smollm2_token
     assert answers(tmp_path, "alone") == [concurrent[PROMPTS[0]], concurrent[PROMPTS[3]]]
 
 
+def test_calibrate_fits_the_controller_to_the_pair(server, tmp_path):
+    from wisp_edge.controller import AcceptancePredictor
+
+    output = tmp_path / "controller.json"
+    command = edge_command(server.address, "--limit", "3", "--max-new-tokens", "32", "--output", str(output))
+    command[command.index("generate")] = "calibrate"
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "labelled draft tokens" in result.stdout and "[3/3]" in result.stderr
+    assert AcceptancePredictor.load(output).weights.tolist() != AcceptancePredictor().weights.tolist()
+
+
 def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
     result = subprocess.run(
         edge_command(server.address, "What is the capital of France?", "--max-new-tokens", "24"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
-DEFAULT_DRAFT = "smollm2-135m-slice-draft"
+DEFAULT_DRAFT = "smollm2-135m-wisp-draft"
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
