@@ -33,7 +33,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    cells = [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     print("  ".join("-" * w for w in widths))
