@@ -10,14 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import perturbed, save_with_tokenizer, tiny_llama  # noqa: E402
+from helpers import perturbed, running_server, save_with_tokenizer, tiny_llama  # noqa: E402
 
-from wisp_common.config import ServerConfig  # noqa: E402
 from wisp_common.models import load_tokenizer, tokenizer_fingerprint  # noqa: E402
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb  # noqa: E402
 from wisp_edge.client import EdgeClient  # noqa: E402
 from wisp_edge.drafter import ModelDrafter  # noqa: E402
-from wisp_server.server import WispServer, build_engine  # noqa: E402
 
 SMOLLM2_VOCAB = 49152
 
@@ -41,19 +39,8 @@ def tiny_pair(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_pair):
-    config = ServerConfig(
-        target_model=tiny_pair[0],
-        engine="hf",
-        port=0,
-        metrics_port=0,
-        max_sessions=4,
-        max_draft_tokens=6,
-        max_context_tokens=256,
-    )
-    server = WispServer(config, build_engine(config))
-    server.start()
-    yield server, f"127.0.0.1:{server.port}"
-    server.stop(grace=1)
+    with running_server(tiny_pair[0], engine="hf", metrics_port=0) as server:
+        yield server, f"127.0.0.1:{server.port}"
 
 
 def make_client(address: str, draft_dir: str, tokenizer) -> EdgeClient:

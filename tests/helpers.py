@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,3 +77,19 @@ def assert_greedy_equal(model: PreTrainedModel, prompt: list[int], got: list[int
     top2 = model(input_ids=torch.tensor([prompt + expected[:at]])).logits[0, -1].topk(2).values
     gap = float(top2[0] - top2[1])
     assert gap < 1e-4, f"diverged at token {at} ({got[at]} vs {expected[at]}) where the top-2 logit gap is {gap:.2e}"
+
+
+@contextmanager
+def running_server(target: str, **options) -> Iterator:
+    """An in-process WispServer on a free loopback port, small limits unless ``options`` say otherwise."""
+    from wisp_common.config import ServerConfig
+    from wisp_server.server import WispServer, build_engine
+
+    defaults = dict(port=0, metrics_port=-1, max_sessions=4, max_draft_tokens=6, max_context_tokens=256)
+    config = ServerConfig(target_model=target, **{**defaults, **options})
+    server = WispServer(config, build_engine(config))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(grace=1)

@@ -13,15 +13,14 @@ import random
 import grpc
 import pytest
 import torch
-from helpers import reference_greedy, save_with_tokenizer, tiny_llama
+from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
 
-from wisp_common.config import DistillConfig, ServerConfig
+from wisp_common.config import DistillConfig
 from wisp_common.models import tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_edge.client import EdgeClient
 from wisp_edge.eagle import EagleDrafter, load_eagle_model
 from wisp_server import distill
-from wisp_server.server import WispServer, build_engine
 
 VOCAB = 49152  # the SmolLM2 tokenizer's: the tool answers chat prompts
 
@@ -122,18 +121,7 @@ def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target)
 def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tokenizer, engine):
     config, _ = distilled
     model, path = tiny_target
-    server_config = ServerConfig(
-        target_model=path,
-        engine=engine,
-        port=0,
-        metrics_port=-1,
-        max_sessions=4,
-        max_draft_tokens=6,
-        max_context_tokens=256,
-    )
-    server = WispServer(server_config, build_engine(server_config))
-    server.start()
-    try:
+    with running_server(path, engine=engine) as server:
         identity = pb.ModelIdentity(name="eagle", tokenizer_fingerprint=tokenizer_fingerprint(smollm2_tokenizer))
         client = EdgeClient(
             grpc.insecure_channel(f"127.0.0.1:{server.port}"), EagleDrafter(load_eagle_model(config.output)), identity
@@ -145,5 +133,3 @@ def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tok
             assert result.token_ids == reference_greedy(model, prompt, 32)
             accepted += result.stats.accepted
         assert accepted > 0  # the feature path really drafted
-    finally:
-        server.stop(grace=1)

@@ -9,16 +9,14 @@ import threading
 import numpy as np
 import pytest
 from conftest import make_client
-from helpers import reference_greedy, save_with_tokenizer, tiny_llama
+from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wisp_common.config import ServerConfig
 from wisp_common.models import load_causal_lm
 from wisp_common.request import Slo
 from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController, verdict_labels
 from wisp_edge.drafter import DraftSignals
-from wisp_server.server import WispServer, build_engine
 
 
 def signals(top1: float) -> DraftSignals:
@@ -152,20 +150,7 @@ def test_every_policy_and_controller_setting_is_lossless(
     The first session drafts with the target itself, so its drafts are always accepted and pipelined drafts
     survive; the others draft with a close and an unrelated model, so drafts are rejected too.
     """
-    config = ServerConfig(
-        target_model=tiny_pair[0],
-        engine="hf",
-        policy=policy,
-        port=0,
-        metrics_port=-1,
-        max_sessions=8,
-        max_draft_tokens=6,
-        max_context_tokens=256,
-        sled_window=0.01,
-    )
-    server = WispServer(config, build_engine(config))
-    server.start()
-    try:
+    with running_server(tiny_pair[0], engine="hf", policy=policy, max_sessions=8, sled_window=0.01) as server:
         for adaptive, pipeline, slo in CONTROLLER_SETTINGS:
             address = f"127.0.0.1:{server.port}"
             drafts = [tiny_pair[0], tiny_pair[1], unrelated_draft]
@@ -178,5 +163,3 @@ def test_every_policy_and_controller_setting_is_lossless(
                 assert stats[0].accepted > 0 and stats[2].accepted < stats[2].sent
             if pipeline:
                 assert stats[0].pipelined_kept > 0  # the bonus token was guessed
-    finally:
-        server.stop(grace=1)

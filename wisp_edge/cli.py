@@ -92,6 +92,19 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer.encode(prompt)
 
 
+def generate_one(client, tokenizer, config: EdgeConfig, prompt: str, on_tokens=None):
+    """One session for ``prompt``, with everything the config says about it."""
+    return client.generate(
+        encode_prompt(tokenizer, prompt, config.chat),
+        max_new_tokens=config.max_new_tokens,
+        draft_tokens=config.draft_tokens,
+        sampling=sampling_of(config),
+        ignore_eos=config.ignore_eos,
+        slo=Slo(config.ttft_slo, config.tpot_slo),
+        on_tokens=on_tokens,
+    )
+
+
 def cmd_generate(config: EdgeConfig, args: argparse.Namespace) -> int:
     if args.prompts_file:
         prompts = load_prompts(args.prompts_file, args.limit)
@@ -106,15 +119,7 @@ def cmd_generate(config: EdgeConfig, args: argparse.Namespace) -> int:
             if len(prompts) > 1:
                 print(f"--- [{index + 1}/{len(prompts)}] {prompt[:70]!r}", file=sys.stderr, flush=True)
             stream = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
-            result = client.generate(
-                encode_prompt(tokenizer, prompt, config.chat),
-                max_new_tokens=config.max_new_tokens,
-                draft_tokens=config.draft_tokens,
-                sampling=sampling_of(config),
-                ignore_eos=config.ignore_eos,
-                slo=Slo(config.ttft_slo, config.tpot_slo),
-                on_tokens=stream,
-            )
+            result = generate_one(client, tokenizer, config, prompt, on_tokens=stream)
             print(flush=True)
             summary = {"finish_reason": result.finish_reason, **result.stats.summary()}
             print(json.dumps(summary) if args.summary_json else _describe(summary), file=sys.stderr, flush=True)
@@ -151,13 +156,7 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
     client, tokenizer = build_client(config)
     client.predictor, client.pipeline, client.round_log = None, False, []  # fixed long rounds: labels deep in them
     for index, prompt in enumerate(prompts):
-        result = client.generate(
-            encode_prompt(tokenizer, prompt, config.chat),
-            max_new_tokens=config.max_new_tokens,
-            draft_tokens=config.draft_tokens,
-            sampling=sampling_of(config),
-            ignore_eos=config.ignore_eos,
-        )
+        result = generate_one(client, tokenizer, config, prompt)
         summary = {"finish_reason": result.finish_reason, **result.stats.summary()}
         print(f"[{index + 1}/{len(prompts)}] {_describe(summary)}", file=sys.stderr, flush=True)
     rows = [row for entry in client.round_log for row in verdict_labels(*entry)]
