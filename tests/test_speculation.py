@@ -61,14 +61,16 @@ def test_the_controller_asks_for_more_drafts_only_while_they_look_good():
 
 def test_the_time_cap_stops_drafting_that_would_break_the_tpot_target():
     controller = SpeculationController(AcceptancePredictor(), 8, min_run_probability=0.0)
-    confident = [signals(0.99)] * 8
+    confident = [signals(0.99)] * 3
     relaxed = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.005)
-    slow_drafter = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.09)
-    assert controller.round_length(confident, relaxed, can_draft_more=False) == 8
-    assert controller.round_length(confident, slow_drafter, can_draft_more=False) < 8
+    slow_drafter = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.15)
+    assert controller.round_length(confident, relaxed, can_draft_more=True) is None  # one more, please
+    assert controller.round_length(confident, slow_drafter, can_draft_more=True) == 3  # send what it has
     # A round already over its budget (long queue) still drafts while that lowers its time per token.
     congested = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=1.0, verify=0.02, draft_token=0.005)
-    assert controller.round_length(confident, congested, can_draft_more=False) == 8
+    assert controller.round_length(confident, congested, can_draft_more=True) is None
+    # Drafts made while the last round was out cost no more time: the slow drafter sends them all.
+    assert controller.round_length([signals(0.99)] * 8, slow_drafter, can_draft_more=False) == 8
 
 
 def test_verdicts_label_drafts_up_to_the_first_rejection():

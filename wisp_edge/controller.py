@@ -142,9 +142,10 @@ class SpeculationController:
         run, expected = 1.0, 1.0  # chance that every draft so far is accepted; tokens the round commits
         for position, s in enumerate(signals[: self.max_drafts]):
             p = self.predictor.probability(s, position)
-            # The first draft always goes (time allowing): its verdict is what keeps the predictor learning.
-            unlikely = position > 0 and run * p < self.min_run_probability
-            if unlikely or not self._in_budget(position, run * p, expected, timing):
+            # The first draft always goes: its verdict is what keeps the predictor learning. Drafts that
+            # exist already (pipelined while the last round was out) cost no more time, so only the
+            # chance of the run decides whether they go.
+            if position > 0 and run * p < self.min_run_probability:
                 return position
             run *= p
             expected += run
