@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, print_table, write_json  # noqa: E402
+from report import RESULTS, print_table, run_worker, write_json  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -102,13 +101,7 @@ def main() -> int:
     results = {}
     for backend in args.backends:
         print(f"measuring {backend} ...", file=sys.stderr, flush=True)
-        child = subprocess.run(
-            [sys.executable, __file__, "--worker", backend, *sys.argv[1:]],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-        )
-        results[backend] = json.loads(child.stdout.strip().splitlines()[-1])
+        results[backend] = run_worker(__file__, backend)
     rows = [
         [
             b,

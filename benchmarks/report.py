@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,17 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def run_worker(script: str, name: str) -> dict[str, Any]:
+    """Runs ``script --worker name`` with this run's arguments in a fresh process; returns its last JSON line.
+
+    A process per configuration keeps threads, caches and allocator state from leaking between them.
+    """
+    child = subprocess.run(
+        [sys.executable, script, "--worker", name, *sys.argv[1:]], stdout=subprocess.PIPE, text=True, check=True
+    )
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:

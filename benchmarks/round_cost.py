@@ -21,13 +21,12 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, print_table, write_json  # noqa: E402
+from report import RESULTS, print_table, run_worker, write_json  # noqa: E402
 
 CONFIGS = ("vllm", "hf", "decode")
 
@@ -180,13 +179,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for name in CONFIGS if repeat % 2 == 0 else reversed(CONFIGS):
             print(f"measuring {name} (turn {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            child = subprocess.run(
-                [sys.executable, __file__, "--worker", name, *sys.argv[1:]],
-                stdout=subprocess.PIPE,
-                text=True,
-                check=True,
-            )
-            turns[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            turns[name].append(run_worker(__file__, name))
     results = {name: {key: statistics.median(t[key] for t in runs) for key in runs[0]} for name, runs in turns.items()}
 
     rows = []
