@@ -8,6 +8,7 @@ greedy output.
 
 from __future__ import annotations
 
+import json
 import random
 
 import grpc
@@ -16,7 +17,7 @@ import torch
 from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
 
 from wisp_common.config import DistillConfig
-from wisp_common.models import tokenizer_fingerprint
+from wisp_common.models import load_tokenizer, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_edge.client import EdgeClient
 from wisp_edge.eagle import EagleDrafter, load_eagle_model
@@ -44,7 +45,8 @@ def distilled(tiny_target, tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("distill")
     args = ["--target-model", tiny_target[1], "--output", str(root / "draft"), "--engine", "hf", "--dtype", "float32"]
-    args += ["--num-prompts", "96", "--max-answer-tokens", "32", "--concurrency", "32", "--head-vocab", "16384"]
+    args += ["--prompt-source", "templates", "--num-prompts", "96", "--max-answer-tokens", "32", "--concurrency", "32"]
+    args += ["--head-vocab", "16384"]
     args += ["--batch-tokens", "256", "--learning-rate", "5e-3", "--log-every", "1000", "--eval-fraction", "0.15"]
     assert distill.main([*args, "--stage", "generate"]) == 0
     config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
@@ -77,6 +79,42 @@ def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
     train_set, held_out = split(config)
     assert agreement(exported, held_out) == pytest.approx(checkpoint["agreement"])  # exported = trained
     assert agreement(exported, train_set) > untrained + 0.1, untrained
+
+
+def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
+    """--init-from: the first steps start from the given draft's weights and head, not from the target's layer."""
+    config, _ = distilled
+    start = load_eagle_model(config.output)
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    for shard in (distill.work_dir(config) / "data").iterdir():
+        (work / "data" / shard.name).symlink_to(shard)
+    again = DistillConfig(
+        **{**vars(config), "work_dir": str(work), "init_from": config.output, "learning_rate": 0.0, "epochs": 0.01}
+    )
+    distill.train(again)
+    trained = torch.load(work / "checkpoint.pt")
+    assert torch.equal(trained["head_ids"], start.head_ids)
+    for name, value in start.state_dict().items():
+        if name != "embed.weight":
+            assert torch.equal(trained["model"][name], value), name
+    assert trained["agreement"] == pytest.approx(torch.load(distill.work_dir(config) / "checkpoint.pt")["agreement"])
+
+
+def test_the_target_writes_its_own_training_prompts(tmp_path):
+    """--prompt-source self with the real SmolLM2: distinct prompts, answered, and kept for a resumed run."""
+    args = ["--target-model", "smollm2-135m-instruct", "--engine", "hf", "--dtype", "float32", "--stage", "generate"]
+    args += ["--work-dir", str(tmp_path), "--prompt-source", "self", "--num-prompts", "6", "--concurrency", "6"]
+    args += ["--max-answer-tokens", "4", "--log-every", "1000"]
+    assert distill.main(args) == 0
+    kept = (tmp_path / "prompts-self.jsonl").read_text()
+    prompts = [json.loads(line)["prompt"] for line in kept.splitlines()]
+    assert len(set(prompts)) == 6 and all(len(p.split()) >= 3 for p in prompts), prompts
+    samples = distill.load_samples(DistillConfig(work_dir=str(tmp_path)))
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    assert [s.tokens[: s.prompt_len].tolist() for s in samples] == [distill.chat_ids(tokenizer, p) for p in prompts]
+    assert distill.main(args) == 0  # resumed: everything is there, nothing is sampled again
+    assert (tmp_path / "prompts-self.jsonl").read_text() == kept
 
 
 def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):

@@ -90,13 +90,22 @@ class DistillConfig:
     dtype: str = _opt("bfloat16", "target dtype while generating", ("float32", "bfloat16", "float16"))
     device: str = _opt("auto", "torch device for training and the hf engine (auto: cuda if present, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
-    prompts_file: str = _opt("", "prompts to answer (JSONL / ShareGPT); default: built-in templated prompts")
+    prompts_file: str = _opt("", "prompts to answer (JSONL / ShareGPT) instead of --prompt-source")
+    prompt_source: str = _opt(
+        "self",
+        "prompts without --prompts-file: the target writes them itself (self: sampled after its chat template's "
+        "user header, as Magpie does), or built-in templates",
+        ("self", "templates"),
+    )
     exclude_file: str = _opt("", "prompts to keep out of training, e.g. an evaluation set (8-word overlap)")
     num_prompts: int = _opt(4000, "prompts to answer")
     max_answer_tokens: int = _opt(256, "tokens per answer at most")
     concurrency: int = _opt(48, "answers generated at once")
     kv_cache_gib: float = _opt(2.0, "vllm engine: KV cache while generating, GiB")
     head_vocab: int = _opt(16384, "size of the draft's trimmed output vocabulary")
+    init_from: str = _opt(
+        "", "start training from this wisp-distill draft (name or path), e.g. to adapt it to new prompts"
+    )
     epochs: float = _opt(4.0, "passes over the training answers")
     batch_tokens: int = _opt(4096, "tokens per training batch")
     learning_rate: float = _opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)")

@@ -5,7 +5,11 @@ Three stages, each resumable; `--stage all` runs whatever is not done yet:
 1. generate: the target answers training prompts greedily through WISP's own
    `VerificationEngine` (vLLM where installed, so many answers share each
    step). Each answer is stored with the target's feature at every position,
-   in half floats, in shards under the work directory.
+   in half floats, in shards under the work directory, named by the prompts'
+   source, so answers to several sources can be trained on together. By
+   default the target writes the prompts too: sampled after its chat
+   template's user header, it asks what its own instruction data taught it
+   users ask (Magpie, Xu et al. 2024), which is far more varied than templates.
 2. train: an `EagleDraftModel` learns to predict the target's next feature
    from its current feature and the next token (smooth L1), and the target's
    next-token distribution over the draft's trimmed vocabulary (soft cross
@@ -34,7 +38,8 @@ import torch.nn.functional as F
 
 from wisp_common.config import DistillConfig, ServerConfig, add_config_arguments, config_from_args
 from wisp_common.models import load_tokenizer, resolve_model
-from wisp_edge.eagle import EagleDraftModel, decoder_config_of, target_output_layers
+from wisp_common.request import SamplingParams
+from wisp_edge.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
 
 log = logging.getLogger("wisp_distill")
 
@@ -42,11 +47,15 @@ SHARD_SIZE = 64
 AGREEMENT_IDS_BELOW = 8192  # the head always covers the tokenizer's most common ids
 
 
+SELF_PROMPT_TOKENS = 96  # a self-written prompt that has not ended by then is dropped
+SELF_PROMPT_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
+
+
 @dataclass
 class Sample:
     prompt_len: int
     tokens: torch.Tensor  # int32 [prompt + answer]
-    features: torch.Tensor  # float16 [prompt + answer - 1, hidden]: the target's feature at each position
+    features: torch.Tensor | None  # float16 [prompt + answer - 1, hidden]: the target's feature at each position
 
 
 def work_dir(config: DistillConfig) -> Path:
@@ -86,16 +95,58 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
     return encode_prompt(tokenizer, prompt, chat=True)
 
 
-def training_prompt_texts(config: DistillConfig) -> list[str]:
+def prompt_source(config: DistillConfig) -> str:
+    return "file" if config.prompts_file else config.prompt_source
+
+
+def excluded_texts(config: DistillConfig) -> list[str]:
+    from wisp_common.prompts import load_prompts
+
+    return load_prompts(config.exclude_file) if config.exclude_file else []
+
+
+def pre_query_ids(tokenizer) -> list[int]:
+    """The chat template up to where the user's words go: what a self-written prompt is sampled after."""
+    if not tokenizer.chat_template:
+        raise SystemExit("--prompt-source self needs a chat template; use --prompt-source templates or --prompts-file")
+    marker = "WISP-PROMPT-MARKER"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
+
+
+def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str]) -> list[str]:
+    """Prompts the target writes itself, sampled until there are ``num_prompts`` distinct, finished, allowed ones."""
+    from wisp_common.training_prompts import word_ngrams
+
+    banned = set().union(*(word_ngrams(text, 8) for text in excluded_texts(config)))
+    prompts, pre, eos = dict.fromkeys(have), pre_query_ids(tokenizer), tokenizer.eos_token_id
+    progress, written_count = Progress(config.log_every), 0
+    while len(prompts) < config.num_prompts:
+        # Every prompt of a pass is kept, not the first to finish, so that long prompts are not under-represented.
+        wanted = dict.fromkeys(range(int(1.25 * (config.num_prompts - len(prompts))) + 8), pre)
+        for _, sample in answer(engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING):
+            written = sample.tokens[sample.prompt_len :].tolist()
+            text = tokenizer.decode(written[:-1], skip_special_tokens=True).strip()
+            written_count += 1
+            if written[-1] == eos and len(text.split()) >= 3 and not word_ngrams(text, 8) & banned:
+                prompts.setdefault(text)
+            if progress.due():
+                log.info("generate: the target has written %d prompts, %d kept", written_count, len(prompts))
+    log.info("generate: %d of the %d prompts the target wrote were kept", len(prompts), written_count)
+    return list(prompts)[: config.num_prompts]
+
+
+def new_prompt_texts(config: DistillConfig, tokenizer, engine, have: list[str]) -> list[str]:
     from wisp_common.prompts import load_prompts
     from wisp_common.training_prompts import training_prompts, word_ngrams
 
-    exclude = load_prompts(config.exclude_file) if config.exclude_file else []
-    if not config.prompts_file:
-        return training_prompts(config.num_prompts, config.seed, exclude)
-    banned = set().union(*(word_ngrams(text, 8) for text in exclude)) if exclude else set()
-    prompts = [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
-    return prompts[: config.num_prompts]
+    source = prompt_source(config)
+    if source == "self":
+        return self_prompts(engine, tokenizer, config, have)
+    if source == "templates":
+        return training_prompts(config.num_prompts, config.seed, excluded_texts(config))
+    banned = set().union(*(word_ngrams(text, 8) for text in excluded_texts(config)))
+    return [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
 
 
 def target_engine(config: DistillConfig, max_context: int):
@@ -118,49 +169,77 @@ def target_engine(config: DistillConfig, max_context: int):
     )
 
 
-def answer(engine, prompts: dict[int, list[int]], max_answer_tokens: int, concurrency: int, eos: int | None):
-    """Greedy answers with the target's features, ``concurrency`` at a time; yields (index, Sample) as they end.
+def answer(
+    engine,
+    prompts: dict[int, list[int]],
+    max_answer_tokens: int,
+    concurrency: int,
+    eos: int | None,
+    sampling: SamplingParams = SamplingParams(),
+    with_features: bool = True,
+):
+    """The target's answers (greedy by default), ``concurrency`` at a time; yields (index, Sample) as they end.
 
     Every step decodes one token for every running answer (an empty draft), so
     the engine batches them like plain continuous batching.
     """
-    from wisp_common.request import SamplingParams
     from wisp_server.engine import RoundRequest
 
     queue = list(prompts)
     longest = max(len(p) for p in prompts.values()) + max_answer_tokens + 1
     active: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
-    while queue or active:
-        while queue and len(active) < concurrency:
-            index = queue.pop(0)
-            engine.add_session(str(index), prompts[index], SamplingParams(), longest, features=True)
-            active[index] = ([], [])
-        indices = list(active)
-        for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):
-            tokens, features = active[index]
-            tokens.append(verdict.next_token)
-            features.append(verdict.features.to(torch.float16))
-            if verdict.next_token == eos or len(tokens) >= max_answer_tokens:
-                engine.remove_session(str(index))
-                del active[index]
-                prompt = prompts[index]
-                yield index, Sample(len(prompt), torch.tensor(prompt + tokens, dtype=torch.int32), torch.cat(features))
+    try:
+        while queue or active:
+            while queue and len(active) < concurrency:
+                index = queue.pop(0)
+                engine.add_session(str(index), prompts[index], sampling, longest, features=with_features)
+                active[index] = ([], [])
+            indices = list(active)
+            for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):
+                tokens, features = active[index]
+                tokens.append(verdict.next_token)
+                if with_features:
+                    features.append(verdict.features.to(torch.float16))
+                if verdict.next_token == eos or len(tokens) >= max_answer_tokens:
+                    engine.remove_session(str(index))
+                    del active[index]
+                    prompt = prompts[index]
+                    fed = torch.cat(features) if with_features else None
+                    yield index, Sample(len(prompt), torch.tensor(prompt + tokens, dtype=torch.int32), fed)
+    finally:  # a consumer that stops early leaves no session behind in the engine
+        for index in active:
+            engine.remove_session(str(index))
 
 
 def generate(config: DistillConfig) -> None:
-    """Answers every prompt whose shard is missing; several shards' answers are generated together."""
+    """Answers every prompt whose shard is missing; several shards' answers are generated together.
+
+    The prompts are kept in the work directory, so a resumed run answers the same ones.
+    """
+    from wisp_common.prompts import load_prompts
+
     data = work_dir(config) / "data"
     data.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(config.target_model)
-    prompts = [chat_ids(tokenizer, text) for text in training_prompt_texts(config)]
+    source = prompt_source(config)
+    kept = work_dir(config) / f"prompts-{source}.jsonl"
+    texts = load_prompts(kept) if kept.exists() else []
+    engine = None
+    if len(texts) < config.num_prompts:
+        if source == "self":  # room for the answers to the prompts it writes, too
+            context = len(pre_query_ids(tokenizer)) + 2 * SELF_PROMPT_TOKENS + config.max_answer_tokens
+            engine = target_engine(config, context)
+        texts = new_prompt_texts(config, tokenizer, engine, texts)
+        kept.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+    prompts = [chat_ids(tokenizer, text) for text in texts[: config.num_prompts]]
     shards = math.ceil(len(prompts) / SHARD_SIZE)
-    todo = [s for s in range(shards) if not (data / f"shard-{s:05d}.pt").exists()]
+    todo = [s for s in range(shards) if not shard_path(data, source, s).exists()]
     wanted = {i: prompts[i] for s in todo for i in _shard_range(s, len(prompts))}
     if not wanted:
-        log.info("generate: all %d shards present", shards)
+        log.info("generate: all %d shards of %s prompts present", shards, source)
         return
-    engine = target_engine(config, max(len(p) for p in prompts) + config.max_answer_tokens + 1)
-    log.info("generate: %d prompts, %d shards, %d at once", len(wanted), len(todo), config.concurrency)
+    engine = engine or target_engine(config, max(len(p) for p in prompts) + config.max_answer_tokens + 1)
+    log.info("generate: %d %s prompts, %d shards, %d at once", len(wanted), source, len(todo), config.concurrency)
     done: dict[int, Sample] = {}
     progress, generated = Progress(config.log_every), 0
     for index, sample in answer(engine, wanted, config.max_answer_tokens, config.concurrency, tokenizer.eos_token_id):
@@ -168,11 +247,15 @@ def generate(config: DistillConfig) -> None:
         generated += len(sample.tokens) - sample.prompt_len
         for shard in [s for s in todo if all(i in done for i in _shard_range(s, len(prompts)))]:
             records = [asdict(done.pop(i)) for i in _shard_range(shard, len(prompts))]
-            torch.save(records, data / f"shard-{shard:05d}.pt")
+            torch.save(records, shard_path(data, source, shard))
             todo.remove(shard)
         if progress.due():
             rate = generated / progress.elapsed
             log.info("generate: %d shards left, %d answer tokens, %.0f tok/s", len(todo), generated, rate)
+
+
+def shard_path(data: Path, source: str, shard: int) -> Path:
+    return data / f"{source}-shard-{shard:05d}.pt"
 
 
 def _shard_range(shard: int, total: int) -> range:
@@ -180,7 +263,7 @@ def _shard_range(shard: int, total: int) -> range:
 
 
 def load_samples(config: DistillConfig) -> list[Sample]:
-    files = sorted((work_dir(config) / "data").glob("shard-*.pt"))
+    files = sorted((work_dir(config) / "data").glob("*shard-*.pt"))
     if not files:
         raise SystemExit(f"no training data in {work_dir(config) / 'data'}: run the generate stage first")
     return [Sample(**record) for file in files for record in torch.load(file)]
@@ -312,8 +395,15 @@ def train(config: DistillConfig) -> None:
     checkpoint_path = work_dir(config) / "checkpoint.pt"
     vocab = len(load_tokenizer(config.target_model))
     state = torch.load(checkpoint_path) if checkpoint_path.exists() else None
-    head_ids = state["head_ids"] if state else head_vocabulary(train_set, config.head_vocab, vocab)
+    start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
+    if state or start:
+        head_ids = state["head_ids"] if state else start.head_ids
+    else:
+        head_ids = head_vocabulary(train_set, config.head_vocab, vocab)
     model = new_model(config, head_ids).to(device)
+    if start:
+        model.load_state_dict(start.state_dict())
+        log.info("train: starting from the draft %s", config.init_from)
     feature_std = float(torch.cat([s.features[:64].float() for s in train_set[:200]]).std())
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
