@@ -42,7 +42,7 @@ def worker(args: argparse.Namespace) -> dict:
         kv_cache_gib=2.0,
     )
     engine = build_engine(config)
-    estimator = VerificationTimeEstimator()
+    estimator = VerificationTimeEstimator(padded=engine.pads_batches)
     started = time.monotonic()
     profile(engine, estimator, config.max_batch_sessions, config.max_context_tokens, config.max_draft_tokens)
     profile_seconds = time.monotonic() - started

@@ -168,6 +168,18 @@ def test_estimator_follows_a_machine_that_changes_speed():
     assert abs(estimator.estimate(shapes) / (2 * true_time(shapes)) - 1) < 0.1
 
 
+def test_estimator_of_a_padding_engine_counts_every_sequence_as_wide_as_the_widest():
+    """The hf engine pads a batch to its longest context: a per-sequence model cannot fit that, the padded one can."""
+    rng = random.Random(5)
+    plain, padded = VerificationTimeEstimator(), VerificationTimeEstimator(padded=True)
+    for _ in range(300):
+        shapes = random_shapes(rng)
+        seconds = float(features(shapes, padded=True) @ TRUE_COEF) * rng.uniform(0.95, 1.05)
+        plain.observe(shapes, seconds)
+        padded.observe(shapes, seconds)
+    assert padded.mape < 5 and plain.mape > 2 * padded.mape, (padded.mape, plain.mape)
+
+
 def test_a_sequence_costs_the_same_in_any_batch():
     """What lets the wisp policy rank rounds by value density once, not per candidate batch."""
     rng = random.Random(11)

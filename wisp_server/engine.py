@@ -56,6 +56,7 @@ class EngineFull(Exception):
 class VerificationEngine(ABC):
     name: str
     info: EngineInfo
+    pads_batches: bool = False  # every sequence of a batch is computed as wide as the widest (the estimator's model)
 
     @abstractmethod
     def add_session(

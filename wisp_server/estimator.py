@@ -9,6 +9,9 @@ the same terms): a fixed launch cost, a cost per sequence, per new token
 token (prefill). The estimator fits those coefficients by least squares:
 first from a short profile at start-up, then from every executed batch,
 with older observations slowly forgotten so it follows the machine.
+
+An engine that pads a batch to its widest sequence (the hf engine) pays for
+every sequence as if it were that wide; the estimator then counts each one so.
 """
 
 from __future__ import annotations
@@ -33,20 +36,28 @@ class SequenceShape:
 FEATURES = ("launch", "sequences", "new_tokens", "attention", "prefill")
 
 
-def sequence_features(shape: SequenceShape) -> np.ndarray:
-    """What one sequence adds to a batch's features (everything but the launch term)."""
-    attention = shape.new_tokens * (shape.context_tokens + shape.new_tokens / 2) / 1000
+def sequence_features(shape: SequenceShape, computed: SequenceShape | None = None) -> np.ndarray:
+    """What one sequence adds to a batch's features (everything but the launch term).
+
+    ``computed``: the shape the engine computes it at, when it pads the batch.
+    """
+    computed = computed or shape
+    attention = computed.new_tokens * (computed.context_tokens + computed.new_tokens / 2) / 1000
     prefill = shape.new_tokens if shape.context_tokens == 0 else 0
-    return np.array([0.0, 1.0, shape.new_tokens, attention, prefill])
+    return np.array([0.0, 1.0, computed.new_tokens, attention, prefill])
 
 
-def features(batch: Sequence[SequenceShape]) -> np.ndarray:
+def features(batch: Sequence[SequenceShape], padded: bool = False) -> np.ndarray:
+    widest = None
+    if padded and batch:
+        widest = SequenceShape(max(s.context_tokens for s in batch), max(s.new_tokens for s in batch))
     launch = np.array([1.0, 0, 0, 0, 0])
-    return launch + sum((sequence_features(s) for s in batch), np.zeros(len(FEATURES)))
+    return launch + sum((sequence_features(s, widest) for s in batch), np.zeros(len(FEATURES)))
 
 
 class VerificationTimeEstimator:
-    def __init__(self, forgetting: float = 0.995, ridge: float = 1e-6, window: int = 200):
+    def __init__(self, padded: bool = False, forgetting: float = 0.995, ridge: float = 1e-6, window: int = 200):
+        self.padded = padded  # the engine pads each batch to its widest sequence
         self.forgetting = forgetting
         self.ridge = ridge
         self._xtx = np.zeros((len(FEATURES), len(FEATURES)))
@@ -61,16 +72,19 @@ class VerificationTimeEstimator:
         if not batch:
             return 0.0
         with self._lock:
-            return max(0.0, float(features(batch) @ self._coef))
+            return max(0.0, float(features(batch, self.padded) @ self._coef))
 
     def sequence_cost(self, shape: SequenceShape) -> float:
-        """Seconds one sequence adds to any batch: the model is linear, so this does not depend on the batch."""
+        """Seconds one sequence adds to any batch: the model is linear, so this does not depend on the batch.
+
+        (For a padded engine it is what the sequence costs at its own width: a lower bound, used to rank.)
+        """
         with self._lock:
             return max(1e-6, float(sequence_features(shape) @ self._coef))
 
     def observe(self, batch: Sequence[SequenceShape], seconds: float) -> None:
         """Records an executed batch: scores the prediction made before it, then refits."""
-        x = features(batch)
+        x = features(batch, self.padded)
         with self._lock:
             if self.observations and seconds > 0:
                 predicted = max(0.0, float(x @ self._coef))

@@ -38,6 +38,7 @@ class _Session:
 
 class HFVerificationEngine(VerificationEngine):
     name = "hf"
+    pads_batches = True
 
     def __init__(self, model: PreTrainedModel, info: EngineInfo):
         self.model = model

@@ -76,7 +76,7 @@ class WispServer:
 
     def __init__(self, config: ServerConfig, engine: VerificationEngine):
         self.config = config
-        self.estimator = VerificationTimeEstimator()
+        self.estimator = VerificationTimeEstimator(padded=engine.pads_batches)
         if config.profile_estimator:
             started = time.monotonic()
             batch_sessions = min(config.max_batch_sessions, config.max_sessions)
