@@ -7,12 +7,12 @@ Configurations (each a fresh server; the edges run the same code, configured dif
 * `fcfs`: server policy fcfs; edges draft a fixed length;
 * `centralized`: the server's Generate RPC: the target alone, vLLM continuous batching.
 
-N emulated devices, threads of this process, answer MT-Bench first turns from
-a shared queue until it is empty; each has its own drafter over one shared
-draft model. With ``--pin`` (default) the devices share core 0 and the server
-has core 1, so drafting and verification do not fight over a core (real
-devices bring their own processors; here 8 of them share one, which slows
-drafting and so favours `centralized`).
+N emulated devices, each its own process with its own copy of the draft
+(started once, reused by every turn), answer MT-Bench first turns from a
+shared queue until it is empty. With ``--pin`` (default) the devices share
+core 0 and the server has core 1, so drafting and verification do not fight
+over a core (real devices bring their own processors; here 8 of them share
+one, which slows drafting and so favours `centralized`).
 
 A request meets its SLO when its TTFT and its TPOT (time per output token
 after the first) are both within target. Goodput: output tokens of the
@@ -29,10 +29,10 @@ devices' round trips and the server's Prometheus metrics.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,61 +67,117 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
-def run_devices(args, config: str, address: str, prompts: list[list[int]], make_drafter, identity) -> list[Request]:
-    import grpc
+def device_process(args, index: int, jobs, work, results) -> None:
+    """One emulated edge device: its own process (no shared interpreter), its draft loaded once for every turn.
 
+    A job is a (configuration, server address) pair; the device answers prompts from the shared ``work``
+    queue until it meets a ``None``. It reports ``(index, kind, payload)`` to ``results``: "ready" once
+    loaded, a "request" per answer, "done" after each job, or an "error".
+    """
+    try:
+        _device(args, index, jobs, work, results)
+    except Exception as error:  # the parent must hear of it, not wait for a device that is gone
+        results.put((index, "error", repr(error)))
+
+
+def _device(args, index: int, jobs, work, results) -> None:
+    import grpc
+    import torch
+
+    from wisp_common.models import load_tokenizer, tokenizer_fingerprint
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
     from wisp_common.request import Slo
     from wisp_edge.client import EdgeClient
     from wisp_edge.controller import AcceptancePredictor
+    from wisp_edge.drafter import drafter_factory
 
-    work = list(reversed(prompts))
-    done: list[Request] = []
-    lock = threading.Lock()
+    if args.pin:
+        os.sched_setaffinity(0, {0})
+    torch.set_num_threads(1)
+    make_drafter = drafter_factory(args.draft_model)
+    tokenizer = load_tokenizer(args.target_model)
+    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     slo = Slo(args.slo_ttft, args.slo_tpot)
-
-    def centralized(stub, prompt: list[int]) -> Request:
-        started, first, count = time.monotonic(), None, 0
-        request = pb.GenerateRequest(prompt_token_ids=prompt, stop=pb.StopCondition(max_new_tokens=args.answer_tokens))
-        for response in stub.Generate(request, timeout=600):
-            count += len(response.token_ids)
-            first = first or time.monotonic()
-        end = time.monotonic()
-        return Request(count, first - started, (end - first) / max(count - 1, 1), end - started)
-
-    def device() -> None:
-        channel = grpc.insecure_channel(address)
-        stub, client = pb_grpc.WispStub(channel), None
-        if config != "centralized":
-            predictor = AcceptancePredictor.beside(args.draft_path) if config == "wisp" else None
-            client = EdgeClient(channel, make_drafter(), identity, predictor=predictor, pipeline=config == "wisp")
-        while True:
-            with lock:
-                if not work:
-                    return
-                prompt = work.pop()
-            if client is None:
-                request = centralized(stub, prompt)
-            else:
+    results.put((index, "ready", None))
+    while (job := jobs.get()) is not None:
+        config, address = job
+        with grpc.insecure_channel(address) as channel:
+            stub, client = pb_grpc.WispStub(channel), None
+            if config != "centralized":
+                predictor = AcceptancePredictor.beside(args.draft_path) if config == "wisp" else None
+                client = EdgeClient(channel, make_drafter(), identity, predictor=predictor, pipeline=config == "wisp")
+            while (prompt := work.get()) is not None:
+                if client is None:
+                    results.put((index, "request", vars(centralized(args, stub, prompt))))
+                    continue
                 result = client.generate(
                     prompt, max_new_tokens=args.answer_tokens, draft_tokens=args.draft_tokens, slo=slo
                 )
-                s = result.stats
-                tpot = (s.wall_seconds - s.ttft_seconds) / max(s.generated - 1, 1)
-                request = Request(s.generated, s.ttft_seconds, tpot, s.wall_seconds, s.summary())
-            with lock:
-                done.append(request)
-
-    threads = [threading.Thread(target=device) for _ in range(args.devices)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return done
+                st = result.stats
+                tpot = (st.wall_seconds - st.ttft_seconds) / max(st.generated - 1, 1)
+                request = Request(st.generated, st.ttft_seconds, tpot, st.wall_seconds, st.summary())
+                results.put((index, "request", vars(request)))  # a dict: __main__ differs between processes
+        results.put((index, "done", None))
 
 
-def measure(args, config: str, prompts, make_drafter, identity) -> dict:
+def centralized(args, stub, prompt: list[int]) -> Request:
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+
+    started, first, count = time.monotonic(), None, 0
+    request = pb.GenerateRequest(prompt_token_ids=prompt, stop=pb.StopCondition(max_new_tokens=args.answer_tokens))
+    for response in stub.Generate(request, timeout=600):
+        count += len(response.token_ids)
+        first = first or time.monotonic()
+    end = time.monotonic()
+    return Request(count, first - started, (end - first) / max(count - 1, 1), end - started)
+
+
+class Devices:
+    """The emulated devices, started once and given one job per turn."""
+
+    def __init__(self, args):
+        context = multiprocessing.get_context("spawn")
+        self.work, self.results = context.Queue(), context.Queue()
+        self.jobs = [context.Queue() for _ in range(args.devices)]
+        self.processes = [
+            context.Process(target=device_process, args=(args, i, self.jobs[i], self.work, self.results), daemon=True)
+            for i in range(args.devices)
+        ]
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:
+            self._get()  # "ready"
+
+    def _get(self) -> tuple[str, dict | None]:
+        index, kind, payload = self.results.get(timeout=900)
+        if kind == "error":
+            raise RuntimeError(f"device {index} failed: {payload}")
+        return kind, payload
+
+    def run(self, config: str, address: str, prompts: list[list[int]]) -> list[Request]:
+        for prompt in prompts:
+            self.work.put(prompt)
+        for jobs in self.jobs:
+            self.work.put(None)
+            jobs.put((config, address))
+        done, finished = [], 0
+        while finished < len(self.jobs):
+            kind, request = self._get()  # request: a Request's fields
+            if kind == "done":
+                finished += 1
+            else:
+                done.append(Request(**request))
+        return done
+
+    def close(self) -> None:
+        for jobs in self.jobs:
+            jobs.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+
+
+def measure(args, config: str, prompts, devices: Devices) -> dict:
     from wisp_server.launcher import ServerProcess
 
     policy = "fcfs" if config == "centralized" else config
@@ -131,7 +187,7 @@ def measure(args, config: str, prompts, make_drafter, identity) -> dict:
     with ServerProcess(server_args, log_prefix=None, env=env, cpus=cpus) as server:
         before = scrape(server.metrics_port)
         started = time.monotonic()
-        requests = run_devices(args, config, server.address, prompts, make_drafter, identity)
+        requests = devices.run(config, server.address, prompts)
         wall = time.monotonic() - started
         after = scrape(server.metrics_port)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -194,30 +250,28 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    import torch
-
-    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from wisp_common.models import load_tokenizer, resolve_model
     from wisp_common.prompts import load_prompts
-    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_edge.cli import encode_prompt
-    from wisp_edge.drafter import drafter_factory
 
-    torch.set_num_threads(1)
     tokenizer = load_tokenizer(args.target_model)
     prompts = [encode_prompt(tokenizer, p, chat=True) for p in load_prompts(args.prompts_file)][: args.prompts]
     args.draft_path = resolve_model(args.draft_model)
-    make_drafter = drafter_factory(args.draft_model)
-    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
     if args.pin:
         os.sched_setaffinity(0, {0})
 
+    print(f"starting {args.devices} device processes ...", file=sys.stderr, flush=True)
+    devices = Devices(args)
     turns: dict[str, list[dict]] = {c: [] for c in args.configs}
-    for repeat in range(args.repeats):
-        for config in args.configs if repeat % 2 == 0 else list(reversed(args.configs)):
-            print(f"turn {repeat + 1}/{args.repeats}: {config} ...", file=sys.stderr, flush=True)
-            turns[config].append(measure(args, config, prompts, make_drafter, identity))
-            m = turns[config][-1]
-            print(f"  goodput {m['goodput']:.1f} tok/s, SLO {m['slo_attainment']:.0%}", file=sys.stderr, flush=True)
+    try:
+        for repeat in range(args.repeats):
+            for config in args.configs if repeat % 2 == 0 else list(reversed(args.configs)):
+                print(f"turn {repeat + 1}/{args.repeats}: {config} ...", file=sys.stderr, flush=True)
+                turns[config].append(measure(args, config, prompts, devices))
+                m = turns[config][-1]
+                print(f"  goodput {m['goodput']:.1f} tok/s, SLO {m['slo_attainment']:.0%}", file=sys.stderr, flush=True)
+    finally:
+        devices.close()
     results = {c: {k: statistics.median(t[k] for t in runs) for k in runs[0]} for c, runs in turns.items()}
 
     base = results.get("centralized", {}).get("goodput") or None
