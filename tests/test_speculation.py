@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_client
 from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
 from hypothesis import given, settings
@@ -165,3 +166,17 @@ def test_every_policy_and_controller_setting_is_lossless(
                 assert stats[0].accepted > 0 and stats[2].accepted < stats[2].sent
             if pipeline:
                 assert stats[0].pipelined_kept > 0  # the bonus token was guessed
+
+
+@pytest.mark.parametrize(("keep", "left"), [(0, 0), (3, 3), (5, 5), (9, 5)])
+def test_crop_cache_keeps_the_first_positions(keep, left):
+    """Down to zero too, which the deprecated form of `DynamicCache.crop` could not do."""
+    from transformers import DynamicCache
+
+    from wisp_edge.drafter import crop_cache
+
+    cache = DynamicCache()
+    cache.update(torch.arange(10.0).view(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    crop_cache(cache, keep)
+    assert cache.get_seq_length() == left
+    assert torch.equal(cache.layers[0].keys, torch.arange(10.0).view(1, 1, 5, 2)[:, :, :left])

@@ -144,8 +144,14 @@ class ModelDrafter(Drafter):
 
     def _crop(self, length: int) -> None:
         if length < len(self._cached):
-            self._cache.crop(length)
+            crop_cache(self._cache, length)
             self._cached = self._cached[:length]
+
+
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keeps the first ``length`` positions. (`crop` now takes how many to remove; its old form, the length to
+    keep, is deprecated and could never crop to zero.)"""
+    cache.crop(min(0, length - cache.get_seq_length()))
 
 
 def drafter_factory(

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from wisp_common.request import SamplingParams
-from wisp_edge.drafter import Drafter
+from wisp_edge.drafter import Drafter, crop_cache
 
 MODEL_TYPE = "wisp-eagle"
 CONFIG_FILE = "config.json"
@@ -164,7 +164,7 @@ class EagleDrafter(Drafter):
                 raise ValueError(f"features for positions {start}.. do not follow the {len(self._features)} known")
             self._features = torch.cat([self._features[:start], features.to(self._features)])
         if self._entries > self._real_entries:
-            self._cache.crop(self._real_entries)
+            crop_cache(self._cache, self._real_entries)
             self._entries, self._last = self._real_entries, None
 
     @torch.inference_mode()
@@ -175,7 +175,7 @@ class EagleDrafter(Drafter):
             return None  # nothing to condition on before the first verdict
         if self._last is None or self._real_entries < real:  # entries from the real features, in one pass
             start = min(self._real_entries, real - 1)
-            self._cache.crop(start)
+            crop_cache(self._cache, start)
             self._step(self._features[start:real], sequence[start + 1 : real + 1], start)
             self._real_entries = self._entries = real
         while self._entries < len(sequence) - 1:  # then the draft's own predictions, one token at a time
