@@ -501,6 +501,9 @@ def export(config: DistillConfig) -> None:
     model.save(out)
     load_tokenizer(config.target_model).save_pretrained(out)
     record = {"recipe": asdict(config), "steps": state["step"], "held_out_agreement": state["agreement"]}
+    started_from = Path(resolve_model(config.init_from)) / "distill.json" if config.init_from else None
+    if started_from and started_from.exists():  # the whole lineage of a draft trained in several runs
+        record["started_from"] = json.loads(started_from.read_text())
     (out / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("export: draft written to %s (held-out agreement %.3f)", out, state["agreement"])
 
