@@ -114,11 +114,11 @@ def pre_query_ids(tokenizer) -> list[int]:
     return tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
 
 
-def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str]) -> list[str]:
-    """Prompts the target writes itself, sampled until there are ``num_prompts`` distinct, finished, allowed ones."""
+def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], banned: set) -> list[str]:
+    """Prompts the target writes itself, sampled until there are ``num_prompts`` distinct, finished ones that share
+    no ``banned`` 8-word sequence."""
     from wisp_common.training_prompts import word_ngrams
 
-    banned = set().union(*(word_ngrams(text, 8) for text in excluded_texts(config)))
     prompts, pre, eos = dict.fromkeys(have), pre_query_ids(tokenizer), tokenizer.eos_token_id
     progress, written_count = Progress(config.log_every), 0
     while len(prompts) < config.num_prompts:
@@ -140,12 +140,12 @@ def new_prompt_texts(config: DistillConfig, tokenizer, engine, have: list[str]) 
     from wisp_common.prompts import load_prompts
     from wisp_common.training_prompts import training_prompts, word_ngrams
 
-    source = prompt_source(config)
-    if source == "self":
-        return self_prompts(engine, tokenizer, config, have)
+    source, excluded = prompt_source(config), excluded_texts(config)
     if source == "templates":
-        return training_prompts(config.num_prompts, config.seed, excluded_texts(config))
-    banned = set().union(*(word_ngrams(text, 8) for text in excluded_texts(config)))
+        return training_prompts(config.num_prompts, config.seed, excluded)
+    banned = set().union(*(word_ngrams(text, 8) for text in excluded))
+    if source == "self":
+        return self_prompts(engine, tokenizer, config, have, banned)
     return [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
 
 
@@ -396,8 +396,10 @@ def train(config: DistillConfig) -> None:
     vocab = len(load_tokenizer(config.target_model))
     state = torch.load(checkpoint_path) if checkpoint_path.exists() else None
     start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
-    if state or start:
-        head_ids = state["head_ids"] if state else start.head_ids
+    if state:
+        head_ids = state["head_ids"]
+    elif start:
+        head_ids = start.head_ids
     else:
         head_ids = head_vocabulary(train_set, config.head_vocab, vocab)
     model = new_model(config, head_ids).to(device)
