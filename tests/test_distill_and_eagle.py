@@ -102,7 +102,7 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
 
 
 def test_the_target_writes_its_own_training_prompts(tmp_path):
-    """--prompt-source self with the real SmolLM2: distinct prompts, answered, and kept for a resumed run."""
+    """--prompt-source self with the real SmolLM2: distinct, reproducible prompts, answered, kept for a resumed run."""
     args = ["--target-model", "smollm2-135m-instruct", "--engine", "hf", "--dtype", "float32", "--stage", "generate"]
     args += ["--work-dir", str(tmp_path), "--prompt-source", "self", "--num-prompts", "6", "--concurrency", "6"]
     args += ["--max-answer-tokens", "4", "--log-every", "1000"]
@@ -115,6 +115,12 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     assert [s.tokens[: s.prompt_len].tolist() for s in samples] == [distill.chat_ids(tokenizer, p) for p in prompts]
     assert distill.main(args) == 0  # resumed: everything is there, nothing is sampled again
     assert (tmp_path / "prompts-self.jsonl").read_text() == kept
+    again = tmp_path / "again"  # seeded: a fresh run writes the same prompts
+    assert distill.main([*args, "--work-dir", str(again)]) == 0
+    assert (again / "prompts-self.jsonl").read_text() == kept
+    assert distill.main([*args, "--work-dir", str(again), "--num-prompts", "9"]) == 0  # asking for more: new ones
+    more = [json.loads(line)["prompt"] for line in (again / "prompts-self.jsonl").read_text().splitlines()]
+    assert more[:6] == prompts and len(set(more)) == 9, more
 
 
 def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):

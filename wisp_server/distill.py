@@ -30,7 +30,8 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -120,11 +121,16 @@ def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], bann
     from wisp_common.training_prompts import word_ngrams
 
     prompts, pre, eos = dict.fromkeys(have), pre_query_ids(tokenizer), tokenizer.eos_token_id
+    # Each attempt is seeded: a rerun writes the same prompts, and a resumed run that asks for more writes new ones.
+    seeds = random.Random(f"{config.seed}/{len(have)}")
     progress, written_count = Progress(config.log_every), 0
     while len(prompts) < config.num_prompts:
         # Every prompt of a pass is kept, not the first to finish, so that long prompts are not under-represented.
         wanted = dict.fromkeys(range(int(1.25 * (config.num_prompts - len(prompts))) + 8), pre)
-        for _, sample in answer(engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING):
+        attempts = {i: seeds.randrange(1, 2**31) for i in wanted}
+        for _, sample in answer(
+            engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING, seeds=attempts
+        ):
             written = sample.tokens[sample.prompt_len :].tolist()
             text = tokenizer.decode(written[:-1], skip_special_tokens=True).strip()
             written_count += 1
@@ -177,8 +183,11 @@ def answer(
     eos: int | None,
     sampling: SamplingParams = SamplingParams(),
     with_features: bool = True,
+    seeds: Mapping[int, int] | None = None,
 ):
     """The target's answers (greedy by default), ``concurrency`` at a time; yields (index, Sample) as they end.
+
+    ``seeds``: a sampling seed per prompt, so that sampled answers are reproducible and differ between prompts.
 
     Every step decodes one token for every running answer (an empty draft), so
     the engine batches them like plain continuous batching.
@@ -192,7 +201,8 @@ def answer(
         while queue or active:
             while queue and len(active) < concurrency:
                 index = queue.pop(0)
-                engine.add_session(str(index), prompts[index], sampling, longest, features=with_features)
+                params = replace(sampling, seed=seeds[index]) if seeds else sampling
+                engine.add_session(str(index), prompts[index], params, longest, features=with_features)
                 active[index] = ([], [])
             indices = list(active)
             for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):

@@ -2,8 +2,8 @@
 
 One registry per server, so several servers can live in one process (tests,
 benchmarks). The time split matters most: the engine's forward pass
-(`wisp_verify_seconds`), the scheduler's choice of each batch
-(`wisp_schedule_seconds`) and the service's own bookkeeping per round
+(`wisp_verify_seconds`), the scheduler's own work per batch, choosing it and
+recording its outcome (`wisp_schedule_seconds`) and the service's own bookkeeping per round
 (`wisp_round_overhead_seconds`: validation, commit, building the verdict).
 """
 
@@ -36,7 +36,10 @@ class ServerMetrics:
             "wisp_queue_seconds", "Time a round waits for its batch to start", buckets=LATENCY_BUCKETS, registry=r
         )
         self.schedule_seconds = Histogram(
-            "wisp_schedule_seconds", "Scheduling policy time per launched batch", buckets=SMALL_BUCKETS, registry=r
+            "wisp_schedule_seconds",
+            "Scheduler time per batch besides the engine: choosing it, then recording its outcome",
+            buckets=SMALL_BUCKETS,
+            registry=r,
         )
         self.round_overhead_seconds = Histogram(
             "wisp_round_overhead_seconds",
