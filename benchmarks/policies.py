@@ -84,7 +84,6 @@ def _device(args, index: int, jobs, work, results) -> None:
     import grpc
     import torch
 
-    from wisp_common.models import load_tokenizer, tokenizer_fingerprint
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
     from wisp_common.request import Slo
@@ -96,8 +95,7 @@ def _device(args, index: int, jobs, work, results) -> None:
         os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
     make_drafter = drafter_factory(args.draft_model)
-    tokenizer = load_tokenizer(args.target_model)
-    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=args.fingerprint)
     slo = Slo(args.slo_ttft, args.slo_tpot)
     results.put((index, "ready", None))
     while (job := jobs.get()) is not None:
@@ -250,13 +248,14 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    from wisp_common.models import load_tokenizer, resolve_model
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_common.prompts import load_prompts
     from wisp_edge.cli import encode_prompt
 
     tokenizer = load_tokenizer(args.target_model)
     prompts = [encode_prompt(tokenizer, p, chat=True) for p in load_prompts(args.prompts_file)][: args.prompts]
     args.draft_path = resolve_model(args.draft_model)
+    args.fingerprint = tokenizer_fingerprint(load_tokenizer(args.draft_path))  # loaded once, not in every device
     if args.pin:
         os.sched_setaffinity(0, {0})
 
