@@ -82,7 +82,8 @@ def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
 
 
 def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
-    """--init-from: the first steps start from the given draft's weights and head, not from the target's layer."""
+    """--init-from: the first steps start from the given draft's weights and head, not from the target's layer;
+    a larger --head-vocab widens that head, keeping every id it had."""
     config, _ = distilled
     start = load_eagle_model(config.output)
     work = tmp_path / "work"
@@ -99,6 +100,14 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
         if name != "embed.weight":
             assert torch.equal(trained["model"][name], value), name
     assert trained["agreement"] == pytest.approx(torch.load(distill.work_dir(config) / "checkpoint.pt")["agreement"])
+
+    widened = DistillConfig(**{**vars(again), "work_dir": str(tmp_path / "wider"), "head_vocab": 16400})
+    (tmp_path / "wider").mkdir()
+    (tmp_path / "wider" / "data").symlink_to(work / "data")
+    distill.train(widened)
+    wider = torch.load(tmp_path / "wider" / "checkpoint.pt")
+    assert len(wider["head_ids"]) == 16400 and torch.isin(start.head_ids, wider["head_ids"]).all()
+    assert torch.equal(wider["model"]["fc.weight"], start.state_dict()["fc.weight"])
 
 
 def test_the_target_writes_its_own_training_prompts(tmp_path):

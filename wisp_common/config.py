@@ -102,7 +102,9 @@ class DistillConfig:
     max_answer_tokens: int = _opt(256, "tokens per answer at most")
     concurrency: int = _opt(48, "answers generated at once")
     kv_cache_gib: float = _opt(2.0, "vllm engine: KV cache while generating, GiB")
-    head_vocab: int = _opt(16384, "size of the draft's trimmed output vocabulary")
+    head_vocab: int = _opt(
+        16384, "size of the draft's trimmed output vocabulary (with --init-from: its head, widened to this size)"
+    )
     init_from: str = _opt(
         "", "start training from this wisp-distill draft (name or path), e.g. to adapt it to new prompts"
     )

@@ -282,12 +282,18 @@ def load_samples(config: DistillConfig) -> list[Sample]:
 # --- stage 2: training ----------------------------------------------------------------------------
 
 
-def head_vocabulary(samples: list[Sample], size: int, vocab: int) -> torch.Tensor:
-    """The most common ids, plus every answer token by frequency, up to ``size`` ids."""
+def head_vocabulary(samples: list[Sample], size: int, vocab: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The most common ids, plus every answer token by frequency, up to ``size`` ids.
+
+    ``keep``: ids that stay in whatever their frequency (a draft's head being widened), so it never narrows.
+    """
     counts = torch.zeros(vocab, dtype=torch.long)
     for sample in samples:
         counts += torch.bincount(sample.tokens[sample.prompt_len :].long(), minlength=vocab)
     counts[: min(AGREEMENT_IDS_BELOW, vocab, size)] = counts.max() + 1
+    if keep is not None:
+        counts[keep.long()] = counts.max() + 1
+        size = max(size, len(keep))
     return torch.sort(torch.topk(counts, min(size, vocab)).indices).values
 
 
@@ -409,13 +415,18 @@ def train(config: DistillConfig) -> None:
     if state:
         head_ids = state["head_ids"]
     elif start:
-        head_ids = start.head_ids
+        head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=start.head_ids)
     else:
         head_ids = head_vocabulary(train_set, config.head_vocab, vocab)
     model = new_model(config, head_ids).to(device)
     if start:
-        model.load_state_dict(start.state_dict())
-        log.info("train: starting from the draft %s", config.init_from)
+        model.load_state_dict({**start.state_dict(), "head_ids": head_ids})
+        log.info(
+            "train: starting from the draft %s (head: %d ids of its %d kept)",
+            config.init_from,
+            len(head_ids),
+            len(start.head_ids),
+        )
     feature_std = float(torch.cat([s.features[:64].float() for s in train_set[:200]]).std())
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
