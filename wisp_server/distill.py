@@ -122,12 +122,12 @@ def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], bann
 
     prompts, pre, eos = dict.fromkeys(have), pre_query_ids(tokenizer), tokenizer.eos_token_id
     # Each attempt is seeded: a rerun writes the same prompts, and a resumed run that asks for more writes new ones.
-    seeds = random.Random(f"{config.seed}/{len(have)}")
+    rng = random.Random(f"{config.seed}/{len(have)}")
     progress, written_count = Progress(config.log_every), 0
     while len(prompts) < config.num_prompts:
         # Every prompt of a pass is kept, not the first to finish, so that long prompts are not under-represented.
         wanted = dict.fromkeys(range(int(1.25 * (config.num_prompts - len(prompts))) + 8), pre)
-        attempts = {i: seeds.randrange(1, 2**31) for i in wanted}
+        attempts = {i: rng.randrange(1, 2**31) for i in wanted}
         for _, sample in answer(
             engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING, seeds=attempts
         ):
@@ -422,10 +422,10 @@ def train(config: DistillConfig) -> None:
     if start:
         model.load_state_dict({**start.state_dict(), "head_ids": head_ids})
         log.info(
-            "train: starting from the draft %s (head: %d ids of its %d kept)",
+            "train: starting from the draft %s (its head of %d ids kept, now %d ids)",
             config.init_from,
-            len(head_ids),
             len(start.head_ids),
+            len(head_ids),
         )
     feature_std = float(torch.cat([s.features[:64].float() for s in train_set[:200]]).std())
     trainable = [p for p in model.parameters() if p.requires_grad]
