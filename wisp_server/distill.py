@@ -414,10 +414,8 @@ def train(config: DistillConfig) -> None:
     start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
     if state:
         head_ids = state["head_ids"]
-    elif start:
-        head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=start.head_ids)
-    else:
-        head_ids = head_vocabulary(train_set, config.head_vocab, vocab)
+    else:  # a start's head is kept, widened to --head-vocab
+        head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=start.head_ids if start else None)
     model = new_model(config, head_ids).to(device)
     if start:
         model.load_state_dict({**start.state_dict(), "head_ids": head_ids})
