@@ -111,7 +111,8 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
 
 
 def test_the_target_writes_its_own_training_prompts(tmp_path):
-    """--prompt-source self with the real SmolLM2: distinct, reproducible prompts, answered, kept for a resumed run."""
+    """--prompt-source self with the real SmolLM2: distinct, reproducible prompts opened by task openings, answered,
+    kept for a resumed run."""
     args = ["--target-model", "smollm2-135m-instruct", "--engine", "hf", "--dtype", "float32", "--stage", "generate"]
     args += ["--work-dir", str(tmp_path), "--prompt-source", "self", "--num-prompts", "6", "--concurrency", "6"]
     args += ["--max-answer-tokens", "4", "--log-every", "1000"]
@@ -119,6 +120,7 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     kept = (tmp_path / "prompts-self.jsonl").read_text()
     prompts = [json.loads(line)["prompt"] for line in kept.splitlines()]
     assert len(set(prompts)) == 6 and all(len(p.split()) >= 3 for p in prompts), prompts
+    assert all(p.startswith(distill.TASK_OPENINGS) for p in prompts), prompts
     samples = distill.load_samples(DistillConfig(work_dir=str(tmp_path)))
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     assert [s.tokens[: s.prompt_len].tolist() for s in samples] == [distill.chat_ids(tokenizer, p) for p in prompts]

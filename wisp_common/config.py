@@ -97,6 +97,9 @@ class DistillConfig:
         "user header, as Magpie does), or built-in templates",
         ("self", "templates"),
     )
+    task_openings: bool = _opt(
+        True, "self-written prompts start with a task's opening words (Write a, Solve, ...), for a mix of tasks"
+    )
     exclude_file: str = _opt("", "prompts to keep out of training, e.g. an evaluation set (8-word overlap)")
     num_prompts: int = _opt(4000, "prompts to answer")
     max_answer_tokens: int = _opt(256, "tokens per answer at most")

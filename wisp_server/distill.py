@@ -50,6 +50,19 @@ AGREEMENT_IDS_BELOW = 8192  # the head always covers the tokenizer's most common
 
 SELF_PROMPT_TOKENS = 96  # a self-written prompt that has not ended by then is dropped
 SELF_PROMPT_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
+# Left alone, a small target writes mostly advice-seeking questions. Starting a prompt with a task's opening
+# words steers it to the other task kinds of instruction data (Magpie's categories, arXiv 2406.08464):
+# writing, editing, role play, maths, coding, data analysis, reasoning, information seeking, brainstorming.
+TASK_OPENINGS = (
+    *("Write a", "Compose a", "Draft a", "Rewrite", "Edit the following"),
+    *("Pretend", "Imagine you are", "Act as"),
+    *("Solve", "Calculate", "Find the", "Prove that"),
+    *("Write a Python function", "Implement", "Write a program", "Fix the", "What does this code"),
+    *("Given the", "Extract", "Summarize", "Classify"),
+    *("Suppose", "If", "Which"),
+    *("Explain", "Describe", "Discuss", "Compare", "What are", "How does"),
+    *("List", "Suggest"),
+)
 
 
 @dataclass
@@ -126,13 +139,15 @@ def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], bann
     progress, written_count = Progress(config.log_every), 0
     while len(prompts) < config.num_prompts:
         # Every prompt of a pass is kept, not the first to finish, so that long prompts are not under-represented.
-        wanted = dict.fromkeys(range(int(1.25 * (config.num_prompts - len(prompts))) + 8), pre)
+        count = int(1.25 * (config.num_prompts - len(prompts))) + 8
+        openings = {i: rng.choice(TASK_OPENINGS) if config.task_openings else "" for i in range(count)}
+        wanted = {i: pre + tokenizer.encode(o, add_special_tokens=False) for i, o in openings.items()}
         attempts = {i: rng.randrange(1, 2**31) for i in wanted}
-        for _, sample in answer(
+        for index, sample in answer(
             engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING, seeds=attempts
         ):
             written = sample.tokens[sample.prompt_len :].tolist()
-            text = tokenizer.decode(written[:-1], skip_special_tokens=True).strip()
+            text = (openings[index] + tokenizer.decode(written[:-1], skip_special_tokens=True)).strip()
             written_count += 1
             if written[-1] == eos and len(text.split()) >= 3 and not word_ngrams(text, 8) & banned:
                 prompts.setdefault(text)
