@@ -132,6 +132,7 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     assert distill.main([*args, "--work-dir", str(again), "--num-prompts", "9"]) == 0  # asking for more: new ones
     more = [json.loads(line)["prompt"] for line in (again / "prompts-self.jsonl").read_text().splitlines()]
     assert more[:6] == prompts and len(set(more)) == 9, more
+    assert len(distill.load_samples(DistillConfig(work_dir=str(again)))) == 9  # the part-full shard was refilled
 
 
 def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):

@@ -237,7 +237,7 @@ def answer(
 
 
 def generate(config: DistillConfig) -> None:
-    """Answers every prompt whose shard is missing; several shards' answers are generated together.
+    """Answers every prompt whose shard is missing or part-full; several shards' answers are generated together.
 
     The prompts are kept in the work directory, so a resumed run answers the same ones.
     """
@@ -258,7 +258,7 @@ def generate(config: DistillConfig) -> None:
         kept.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
     prompts = [chat_ids(tokenizer, text) for text in texts[: config.num_prompts]]
     shards = math.ceil(len(prompts) / SHARD_SIZE)
-    todo = [s for s in range(shards) if not shard_path(data, source, s).exists()]
+    todo = [s for s in range(shards) if not shard_done(data, source, s, len(prompts))]
     wanted = {i: prompts[i] for s in todo for i in _shard_range(s, len(prompts))}
     if not wanted:
         log.info("generate: all %d shards of %s prompts present", shards, source)
@@ -285,6 +285,13 @@ def shard_path(data: Path, source: str, shard: int) -> Path:
 
 def _shard_range(shard: int, total: int) -> range:
     return range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, total))
+
+
+def shard_done(data: Path, source: str, shard: int, total: int) -> bool:
+    """A shard is done when it holds all its prompts: a run asked for more prompts than the last refills the last
+    shard it left part-full."""
+    path = shard_path(data, source, shard)
+    return path.exists() and len(torch.load(path, mmap=True)) == len(_shard_range(shard, total))
 
 
 def load_samples(config: DistillConfig) -> list[Sample]:
