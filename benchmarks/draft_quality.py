@@ -3,7 +3,8 @@
 1. agreement: the target answers every question greedily (96 tokens) through
    WISP's engine, with its features; the draft, fed the target's features and
    tokens (teacher forcing), predicts each answer token. The share it gets
-   right is its greedy agreement.
+   right is its greedy agreement. Also reported: the same with the feature
+   before each prediction the draft's own (its second draft token, step 2).
 2. tokens per round: real edge sessions through a real server (vllm engine)
    at fixed speculation lengths, several sessions at once: tokens committed
    per verification round, the figure that decides the server's capacity.
@@ -45,11 +46,11 @@ def target_answers(args, prompts: list[list[int]], eos: int | None):
     return [samples[i] for i in range(len(prompts))]
 
 
-def agreement(draft_model, samples) -> float:
+def agreement(draft_model, samples, step: int = 1) -> float:
     from wisp_server import distill
 
     batches = distill.make_batches(samples, 4096, random.Random(0))
-    return distill.evaluate(draft_model, batches, "cpu", 1.0)
+    return distill.evaluate(draft_model, batches, "cpu", 1.0, step)
 
 
 def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int | None) -> dict:
@@ -173,7 +174,7 @@ def main() -> int:
 
     print(f"1/3 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
     samples = target_answers(args, prompts, tokenizer.eos_token_id)
-    rate = agreement(draft_model, samples)
+    rate, own_rate = agreement(draft_model, samples), agreement(draft_model, samples, step=2)
 
     print("2/3 tokens per round through a real server", file=sys.stderr)
     rounds: dict[str, float] = {}
@@ -195,6 +196,7 @@ def main() -> int:
         "target_model": args.target_model,
         "draft_model": args.draft_model,
         "agreement": rate,
+        "agreement_own_features": own_rate,
         "tokens_per_round": rounds,
         "server_runs": details,
         "seconds_per_token": seconds,
@@ -207,6 +209,7 @@ def main() -> int:
         ["metric", "value", "bar"],
         [
             ["greedy agreement (teacher forcing, MT-Bench)", round(rate, 3), ">= 0.45"],
+            ["the same, from its own predicted feature (step 2)", round(own_rate, 3), ""],
             *[[f"tokens/round, length {k}", round(v, 2), ">= 1.8 (best of 2-4)"] for k, v in rounds.items()],
             ["draft / target time per token (batch 1)", round(result["cost_ratio"], 3), "<= 0.15"],
             ["target tokens/s (batch 1, HF)", round(1 / seconds["target"], 1), ""],

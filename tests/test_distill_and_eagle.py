@@ -39,9 +39,10 @@ def tiny_target(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def distilled(tiny_target, tmp_path_factory):
-    """Runs every stage of wisp-distill, training in two runs (the second resumes from the checkpoint).
+    """Runs every stage of wisp-distill, training in two runs (the second resumes from the checkpoint, with a
+    training-time test step).
 
-    Returns the config and the untrained draft's agreement on the training answers.
+    Returns the config and the untrained draft's agreement on the training answers, at steps 1 and 2.
     """
     root = tmp_path_factory.mktemp("distill")
     args = ["--target-model", tiny_target[1], "--output", str(root / "draft"), "--engine", "hf", "--dtype", "float32"]
@@ -51,10 +52,11 @@ def distilled(tiny_target, tmp_path_factory):
     assert distill.main([*args, "--stage", "generate"]) == 0
     config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
     train_set, _ = split(config)
-    untrained = agreement(distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB)), train_set)
+    untrained_model = distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB))
+    untrained = agreement(untrained_model, train_set), agreement(untrained_model, train_set, step=2)
     assert distill.main([*args, "--stage", "train", "--epochs", "6"]) == 0
     first_run = torch.load(distill.work_dir(config) / "checkpoint.pt")["step"]
-    assert distill.main([*args, "--stage", "train", "--epochs", "12"]) == 0
+    assert distill.main([*args, "--stage", "train", "--epochs", "12", "--unroll", "2"]) == 0
     assert torch.load(distill.work_dir(config) / "checkpoint.pt")["step"] == 2 * first_run  # resumed, not restarted
     assert distill.main([*args, "--stage", "export", "--epochs", "12"]) == 0
     return config, untrained
@@ -67,8 +69,8 @@ def split(config: DistillConfig) -> tuple[list[distill.Sample], list[distill.Sam
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
-def agreement(model, samples: list[distill.Sample]) -> float:
-    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)
+def agreement(model, samples: list[distill.Sample], step: int = 1) -> float:
+    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0, step)
 
 
 def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
@@ -78,7 +80,9 @@ def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
     exported = load_eagle_model(config.output)
     train_set, held_out = split(config)
     assert agreement(exported, held_out) == pytest.approx(checkpoint["agreement"])  # exported = trained
-    assert agreement(exported, train_set) > untrained + 0.1, untrained
+    assert agreement(exported, train_set) > untrained[0] + 0.1, untrained
+    # Step 2 drafts from the draft's own predicted feature, as past the first token between verdicts.
+    assert agreement(exported, train_set, step=2) > untrained[1] + 0.1, untrained
 
 
 def test_training_can_start_from_an_existing_draft(distilled, tmp_path):

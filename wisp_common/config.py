@@ -115,6 +115,9 @@ class DistillConfig:
     batch_tokens: int = _opt(4096, "tokens per training batch")
     learning_rate: float = _opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)")
     feature_noise: float = _opt(0.1, "uniform noise on input features, a fraction of their std")
+    unroll: int = _opt(
+        1, "training-time test: 1 trains on the target's features only; N adds N-1 steps on the draft's own"
+    )
     eval_fraction: float = _opt(0.05, "answers held out to measure agreement")
     log_every: float = _opt(30.0, "seconds between progress lines")
     seed: int = _opt(0, "prompt and training seed")

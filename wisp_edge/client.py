@@ -40,7 +40,7 @@ class GenerationStats:
     wall_seconds: float = 0.0
     draft_seconds: float = 0.0
     idle_seconds: float = 0.0  # waiting for verdicts with nothing to draft
-    round_trip_seconds: float = 0.0  # from sending each round to its verdict
+    round_trip_seconds: float = 0.0  # from sending each round to its verdict's arrival
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
 
@@ -152,7 +152,7 @@ class EdgeClient:
                     )
                 )
             )
-            opened = _next(inbox).opened
+            opened = _next(inbox)[1].opened
             controller = SpeculationController(
                 self.predictor, min(draft_tokens, opened.max_draft_tokens), self.min_run_probability
             )
@@ -168,10 +168,11 @@ class EdgeClient:
                     pb.SpeculateRequest(draft=pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts))
                 )
                 sent_at, pipelined = time.monotonic(), stats.pipelined
-                verdict = self._await_verdict(inbox, controller, count, room, stats).verdict
-                pipelined = stats.pipelined - pipelined
-                stats.round_trip_seconds += time.monotonic() - sent_at
-                round_trip = time.monotonic() - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
+                arrived, response = self._await_verdict(inbox, controller, count, room, stats)
+                verdict, pipelined = response.verdict, stats.pipelined - pipelined
+                # Up to the verdict's arrival: a draft step that was running then is the edge's time, not the trip's.
+                stats.round_trip_seconds += arrived - sent_at
+                round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
                 timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
                 timing.queue, timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
                 controller.observe(signals, count, verdict.num_accepted)
@@ -226,8 +227,10 @@ class EdgeClient:
             if not self._draft_one(stats, timing):
                 return max(0, min(len(self.drafter.pending), room))
 
-    def _await_verdict(self, inbox: queue.Queue, controller, sent: int, room: int, stats) -> pb.SpeculateResponse:
-        """Waits for the round's verdict; with pipelining, drafts the next round meanwhile."""
+    def _await_verdict(
+        self, inbox: queue.Queue, controller, sent: int, room: int, stats
+    ) -> tuple[float, pb.SpeculateResponse]:
+        """Waits for the round's verdict (returns its arrival time too); with pipelining, drafts meanwhile."""
         ahead = min(room, sent + controller.max_drafts)  # as far as the next round could reach
         while self.pipeline and len(self.drafter.pending) < ahead and inbox.empty():
             if not self._draft_one(stats):
@@ -239,23 +242,23 @@ class EdgeClient:
         return response
 
 
-def _next(inbox: queue.Queue) -> pb.SpeculateResponse:
-    item = inbox.get()
+def _next(inbox: queue.Queue) -> tuple[float, pb.SpeculateResponse]:
+    arrived, item = inbox.get()
     if isinstance(item, BaseException):
         raise item
     if item is None:
         raise RuntimeError("the server closed the stream before the verdict")
-    return item
+    return arrived, item
 
 
 def _read(responses, inbox: queue.Queue) -> None:
-    """Moves the server's responses into ``inbox``, so the drafter can work while a round is out."""
+    """Moves the server's responses into ``inbox`` with their arrival times, so the drafter can work meanwhile."""
     try:
         for response in responses:
-            inbox.put(response)
-        inbox.put(None)
+            inbox.put((time.monotonic(), response))
+        inbox.put((time.monotonic(), None))
     except grpc.RpcError as error:
-        inbox.put(error)
+        inbox.put((time.monotonic(), error))
 
 
 def _drain(requests: queue.Queue[pb.SpeculateRequest | None]) -> Iterator[pb.SpeculateRequest]:

@@ -152,8 +152,11 @@ def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], bann
             if written[-1] == eos and len(text.split()) >= 3 and not word_ngrams(text, 8) & banned:
                 prompts.setdefault(text)
             if progress.due():
-                log.info("generate: the target has written %d prompts, %d kept", written_count, len(prompts))
-    log.info("generate: %d of the %d prompts the target wrote were kept", len(prompts), written_count)
+                log.info(
+                    "generate: the target has written %d prompts, %d kept", written_count, len(prompts) - len(have)
+                )
+    kept = len(prompts) - len(have)
+    log.info("generate: %d of the %d prompts the target wrote were kept (%d in all)", kept, written_count, len(prompts))
     return list(prompts)[: config.num_prompts]
 
 
@@ -391,32 +394,44 @@ def _collate(samples: list[Sample]) -> Batch:
     return batch
 
 
-def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feature_std: float):
-    """Feature regression, soft cross entropy against the target over the head's vocabulary, and agreement."""
+def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feature_std: float, unroll: int = 1):
+    """Feature regression and soft cross entropy against the target over the head's vocabulary, each averaged
+    over ``unroll`` steps, and each step's agreement as (hits, scored positions).
+
+    Step 1 conditions on the target's features (teacher forcing). Each further step conditions on the step
+    before's predictions, shifted one position on, as the draft does past its first token between verdicts.
+    Training on them is the training-time test of HASS (Zhang et al., arXiv 2408.15766) and EAGLE-3 (Li et al.,
+    arXiv 2503.01840): it teaches the draft to work from its own, drifting, features. (Simplified: a further
+    step attends to predicted features at every earlier position too, where the drafter has the target's.)
+    """
     features = batch.features.to(device).float()
     if noise > 0:
         features = features + (torch.rand_like(features) * 2 - 1) * noise * feature_std
-    predicted, logits = model(features, batch.tokens.to(device))
-    mask = batch.mask.to(device)
+    tokens, mask, labels = batch.tokens.to(device), batch.mask.to(device), batch.labels.to(device)
     target_features = batch.next_features.to(device).float()
-    regression = F.smooth_l1_loss(predicted[mask], target_features[mask])
     with torch.no_grad():
         target_probs = (target_features[mask] @ model.head.T).softmax(-1)
-    cross_entropy = -(target_probs * logits[mask].log_softmax(-1)).sum(-1).mean()
-    labels = batch.labels.to(device)
     scored = labels >= 0
-    picked = model.head_ids[logits.argmax(-1)]
-    agreement = (picked[scored] == labels[scored]).float().sum().item(), int(scored.sum())
-    return regression, cross_entropy, agreement
+    regression = cross_entropy = torch.zeros((), device=device)
+    agreements = []
+    for _ in range(unroll):
+        predicted, logits = model(features, tokens)
+        regression = regression + F.smooth_l1_loss(predicted[mask], target_features[mask]) / unroll
+        cross_entropy = cross_entropy - (target_probs * logits[mask].log_softmax(-1)).sum(-1).mean() / unroll
+        picked = model.head_ids[logits.argmax(-1)]
+        agreements.append(((picked[scored] == labels[scored]).float().sum().item(), int(scored.sum())))
+        features = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
+    return regression, cross_entropy, agreements
 
 
-def evaluate(model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float) -> float:
-    """Greedy agreement under teacher forcing: the draft's top token equals the target's at answer positions."""
+def evaluate(model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float, step: int = 1) -> float:
+    """Greedy agreement: the draft's top token equals the target's at answer positions, at the given step
+    (1: teacher forcing on the target's features; 2: on the draft's own prediction of the feature before)."""
     model.eval()
     hits = total = 0
     with torch.inference_mode():
         for batch in batches:
-            _, _, (h, t) = losses(model, batch, device, 0.0, feature_std)
+            h, t = losses(model, batch, device, 0.0, feature_std, unroll=step)[2][-1]
             hits, total = hits + h, total + t
     model.train()
     return hits / max(total, 1)
@@ -479,12 +494,15 @@ def train(config: DistillConfig) -> None:
     )
     model.train()
     progress, checkpoints = Progress(config.log_every), Progress(10 * config.log_every)
-    seen, sums = 0, [0.0, 0.0, 0, 0, 0]  # feature loss, token CE, hits, scored positions, batches
+    seen, sums = 0, [0.0, 0.0, 0, 0, 0, 0]  # feature loss, token CE, hits, scored positions, batches, last step's hits
     epoch = step // batches_per_epoch
     while step < total_steps:
         batches = make_batches(train_set, config.batch_tokens, random.Random(config.seed + epoch))
         for batch in batches[step % batches_per_epoch :]:
-            regression, cross_entropy, (hits, scored) = losses(model, batch, device, config.feature_noise, feature_std)
+            regression, cross_entropy, agreements = losses(
+                model, batch, device, config.feature_noise, feature_std, config.unroll
+            )
+            (hits, scored), (own_hits, _) = agreements[0], agreements[-1]
             loss = regression + 0.1 * cross_entropy
             optimizer.zero_grad()
             loss.backward()
@@ -493,11 +511,12 @@ def train(config: DistillConfig) -> None:
             schedule.step()
             step += 1
             seen += int(batch.mask.sum())
-            sums = [a + b for a, b in zip(sums, (regression.item(), cross_entropy.item(), hits, scored, 1))]
+            sums = [a + b for a, b in zip(sums, (regression.item(), cross_entropy.item(), hits, scored, 1, own_hits))]
             last = step >= total_steps
             if progress.due() or last:
                 log.info(
-                    "train: step %d/%d (epoch %.2f), %.0f tok/s, feature loss %.4f, token CE %.3f, agreement %.3f",
+                    "train: step %d/%d (epoch %.2f), %.0f tok/s, feature loss %.4f, token CE %.3f, agreement %.3f "
+                    "(step %d: %.3f)",
                     step,
                     total_steps,
                     step / batches_per_epoch,
@@ -505,11 +524,19 @@ def train(config: DistillConfig) -> None:
                     sums[0] / sums[4],
                     sums[1] / sums[4],
                     sums[2] / max(1, sums[3]),
+                    config.unroll,
+                    sums[5] / max(1, sums[3]),
                 )
-                sums = [0.0, 0.0, 0, 0, 0]
+                sums = [0.0, 0.0, 0, 0, 0, 0]
             if checkpoints.due() or last:
                 agreement = evaluate(model, eval_batches, device, feature_std)
-                log.info("train: held-out agreement %.3f; checkpoint saved at step %d", agreement, step)
+                own = evaluate(model, eval_batches, device, feature_std, step=2)
+                log.info(
+                    "train: held-out agreement %.3f (on its own features: %.3f); checkpoint saved at step %d",
+                    agreement,
+                    own,
+                    step,
+                )
                 save_checkpoint(checkpoint_path, model, optimizer, schedule, step, head_ids, agreement)
             if last:
                 break
