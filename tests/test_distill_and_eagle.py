@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import astuple
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from wisp_common.config import DistillConfig
 from wisp_common.models import load_tokenizer, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_edge.client import EdgeClient
+from wisp_edge.drafter import signals_of
 from wisp_edge.eagle import EagleDrafter, load_eagle_model
 from wisp_server import distill
 
@@ -39,10 +41,9 @@ def tiny_target(tmp_path_factory, smollm2_tokenizer):
 
 @pytest.fixture(scope="module")
 def distilled(tiny_target, tmp_path_factory):
-    """Runs every stage of wisp-distill, training in two runs (the second resumes from the checkpoint, with a
-    training-time test step).
+    """Runs every stage of wisp-distill, training in two runs (the second resumes from the checkpoint).
 
-    Returns the config and the untrained draft's agreement on the training answers, at steps 1 and 2.
+    Returns the config and the untrained draft's agreement on the training answers.
     """
     root = tmp_path_factory.mktemp("distill")
     args = ["--target-model", tiny_target[1], "--output", str(root / "draft"), "--engine", "hf", "--dtype", "float32"]
@@ -52,11 +53,10 @@ def distilled(tiny_target, tmp_path_factory):
     assert distill.main([*args, "--stage", "generate"]) == 0
     config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
     train_set, _ = split(config)
-    untrained_model = distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB))
-    untrained = agreement(untrained_model, train_set), agreement(untrained_model, train_set, step=2)
+    untrained = agreement(distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB)), train_set)
     assert distill.main([*args, "--stage", "train", "--epochs", "6"]) == 0
     first_run = torch.load(distill.work_dir(config) / "checkpoint.pt")["step"]
-    assert distill.main([*args, "--stage", "train", "--epochs", "12", "--unroll", "2"]) == 0
+    assert distill.main([*args, "--stage", "train", "--epochs", "12"]) == 0
     assert torch.load(distill.work_dir(config) / "checkpoint.pt")["step"] == 2 * first_run  # resumed, not restarted
     assert distill.main([*args, "--stage", "export", "--epochs", "12"]) == 0
     return config, untrained
@@ -69,8 +69,8 @@ def split(config: DistillConfig) -> tuple[list[distill.Sample], list[distill.Sam
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
-def agreement(model, samples: list[distill.Sample], step: int = 1) -> float:
-    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0, step)
+def agreement(model, samples: list[distill.Sample]) -> float:
+    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)
 
 
 def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
@@ -80,9 +80,25 @@ def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
     exported = load_eagle_model(config.output)
     train_set, held_out = split(config)
     assert agreement(exported, held_out) == pytest.approx(checkpoint["agreement"])  # exported = trained
-    assert agreement(exported, train_set) > untrained[0] + 0.1, untrained
-    # Step 2 drafts from the draft's own predicted feature, as past the first token between verdicts.
-    assert agreement(exported, train_set, step=2) > untrained[1] + 0.1, untrained
+    assert agreement(exported, train_set) > untrained + 0.1, untrained
+
+
+def test_training_time_test_sees_what_the_drafter_sees(distilled):
+    """--unroll: at position 1, a second step's logits are the drafter's for its second draft after a verdict
+    that brought one feature (the target's f_0 with x_1, then its own predicted f_1 with its first draft)."""
+    config, _ = distilled
+    model = load_eagle_model(config.output)
+    sample = distill.load_samples(config)[0]
+    x, f = sample.tokens.long().tolist(), sample.features.float()
+    drafter = EagleDrafter(model)
+    drafter.start(x[:1])
+    drafter.commit(0, x[1], f[:1])
+    first, _ = drafter.draft(2)
+    with torch.inference_mode():
+        steps = list(distill.unrolled(model, f[None, :2], torch.tensor([[x[1], first]]), 2))
+    drafted = astuple(drafter.signals[1])
+    assert astuple(signals_of(steps[1][1][0, 1])) == pytest.approx(drafted, rel=1e-4, abs=1e-5)
+    assert astuple(signals_of(steps[0][1][0, 1])) != pytest.approx(drafted, rel=1e-4, abs=1e-5)  # f_1 differs
 
 
 def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
@@ -105,7 +121,8 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
             assert torch.equal(trained["model"][name], value), name
     assert trained["agreement"] == pytest.approx(torch.load(distill.work_dir(config) / "checkpoint.pt")["agreement"])
 
-    widened = DistillConfig(**{**vars(again), "work_dir": str(tmp_path / "wider"), "head_vocab": 16400})
+    wider_config = {"work_dir": str(tmp_path / "wider"), "head_vocab": 16400, "unroll": 2}  # and a TTT step
+    widened = DistillConfig(**{**vars(again), **wider_config})
     (tmp_path / "wider").mkdir()
     (tmp_path / "wider" / "data").symlink_to(work / "data")
     distill.train(widened)

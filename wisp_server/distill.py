@@ -414,14 +414,21 @@ def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feat
     scored = labels >= 0
     regression = cross_entropy = torch.zeros((), device=device)
     agreements = []
-    for _ in range(unroll):
-        predicted, logits = model(features, tokens)
+    for predicted, logits in unrolled(model, features, tokens, unroll):
         regression = regression + F.smooth_l1_loss(predicted[mask], target_features[mask]) / unroll
         cross_entropy = cross_entropy - (target_probs * logits[mask].log_softmax(-1)).sum(-1).mean() / unroll
         picked = model.head_ids[logits.argmax(-1)]
         agreements.append(((picked[scored] == labels[scored]).float().sum().item(), int(scored.sum())))
-        features = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
     return regression, cross_entropy, agreements
+
+
+def unrolled(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, steps: int):
+    """The draft's (predicted features, logits) at each step: the first from ``features``, each next one from
+    the step before's predictions shifted one position on (position 0 keeps its given feature)."""
+    for _ in range(steps):
+        predicted, logits = model(features, tokens)
+        yield predicted, logits
+        features = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
 
 
 def evaluate(model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float, step: int = 1) -> float:
