@@ -46,11 +46,12 @@ def target_answers(args, prompts: list[list[int]], eos: int | None):
     return [samples[i] for i in range(len(prompts))]
 
 
-def agreement(draft_model, samples, step: int = 1) -> float:
+def agreement(draft_model, samples) -> list[float]:
+    """From the target's features, and from the draft's own prediction of the feature before (step 2)."""
     from wisp_server import distill
 
     batches = distill.make_batches(samples, 4096, random.Random(0))
-    return distill.evaluate(draft_model, batches, "cpu", 1.0, step)
+    return distill.evaluate(draft_model, batches, "cpu", 1.0, steps=2)
 
 
 def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int | None) -> dict:
@@ -174,7 +175,7 @@ def main() -> int:
 
     print(f"1/3 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
     samples = target_answers(args, prompts, tokenizer.eos_token_id)
-    rate, own_rate = agreement(draft_model, samples), agreement(draft_model, samples, step=2)
+    rate, own_rate = agreement(draft_model, samples)
 
     print("2/3 tokens per round through a real server", file=sys.stderr)
     rounds: dict[str, float] = {}

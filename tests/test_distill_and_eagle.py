@@ -70,7 +70,7 @@ def split(config: DistillConfig) -> tuple[list[distill.Sample], list[distill.Sam
 
 
 def agreement(model, samples: list[distill.Sample]) -> float:
-    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)
+    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)[0]
 
 
 def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):

@@ -431,17 +431,21 @@ def unrolled(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tenso
         features = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
 
 
-def evaluate(model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float, step: int = 1) -> float:
-    """Greedy agreement: the draft's top token equals the target's at answer positions, at the given step
-    (1: teacher forcing on the target's features; 2: on the draft's own prediction of the feature before)."""
+def evaluate(
+    model: EagleDraftModel, batches: list[Batch], device: str, feature_std: float, steps: int = 1
+) -> list[float]:
+    """Greedy agreement at each of ``steps`` unrolled steps: the draft's top token equals the target's at answer
+    positions (step 1: teacher forcing on the target's features; 2: on the draft's own prediction of the feature
+    before)."""
     model.eval()
-    hits = total = 0
+    hits, total = [0.0] * steps, 0
     with torch.inference_mode():
         for batch in batches:
-            h, t = losses(model, batch, device, 0.0, feature_std, unroll=step)[2][-1]
-            hits, total = hits + h, total + t
+            agreements = losses(model, batch, device, 0.0, feature_std, unroll=steps)[2]
+            hits = [h + step_hits for h, (step_hits, _) in zip(hits, agreements)]
+            total += agreements[0][1]
     model.train()
-    return hits / max(total, 1)
+    return [h / max(total, 1) for h in hits]
 
 
 def train(config: DistillConfig) -> None:
@@ -536,8 +540,7 @@ def train(config: DistillConfig) -> None:
                 )
                 sums = [0.0, 0.0, 0, 0, 0, 0]
             if checkpoints.due() or last:
-                agreement = evaluate(model, eval_batches, device, feature_std)
-                own = evaluate(model, eval_batches, device, feature_std, step=2)
+                agreement, own = evaluate(model, eval_batches, device, feature_std, steps=2)
                 log.info(
                     "train: held-out agreement %.3f (on its own features: %.3f); checkpoint saved at step %d",
                     agreement,
