@@ -8,6 +8,7 @@ can act on; other sessions never notice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -102,24 +103,37 @@ class WispService(pb_grpc.WispServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """Target-only autoregressive decoding: every round is an empty draft."""
-        session = None
+        session, in_flight = None, None
         try:
             session = self._start_session(
                 list(request.prompt_token_ids), [], request.sampling, request.stop, request.slo
             )
+            received, in_flight = self._queue_decode_step(session)
             while True:
-                verdict = self._verify_round(session, pb.DraftRound(position=len(session.context)))
+                current = in_flight
+                try:
+                    verdict = self._verdict(session, 0, current, received)
+                    in_flight = None
+                    if not verdict.finished and context.is_active():
+                        # Queued before this token is sent, so the next batch has it: continuous batching.
+                        received, in_flight = self._queue_decode_step(session)
+                finally:
+                    current.handled.set()
                 yield pb.GenerateResponse(
                     token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
                     finished=verdict.finished,
                     finish_reason=verdict.finish_reason,
                 )
-                if verdict.finished or not context.is_active():
+                if in_flight is None:
                     return
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
         finally:
+            if in_flight is not None:  # a step queued for a client that left: it ends before its session does
+                with contextlib.suppress(Exception):
+                    in_flight.future.result()
+                in_flight.handled.set()
             if session is not None:
                 self._close(session)
 
@@ -220,8 +234,8 @@ class WispService(pb_grpc.WispServicer):
                 f"{what} has token ids outside the target's vocabulary of {vocab}: {bad[:5]}",
             )
 
-    def _verify_round(self, session: Session, draft: pb.DraftRound) -> pb.Verdict:
-        started = time.monotonic()
+    def _submit_round(self, session: Session, draft: pb.DraftRound) -> PendingRound:
+        """Validates a round and queues it for verification; `_verdict` waits for it."""
         if draft.position != len(session.context):
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -246,7 +260,28 @@ class WispService(pb_grpc.WispServicer):
             expected_tokens=session.expected_tokens(len(drafts)),
         )
         try:
-            result = self.scheduler.submit(pending).result()
+            self.scheduler.submit(pending)
+        except SchedulerStopped as error:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        return pending
+
+    def _verify_round(self, session: Session, draft: pb.DraftRound) -> pb.Verdict:
+        received = time.monotonic()
+        pending = self._submit_round(session, draft)
+        try:
+            return self._verdict(session, draft.round, pending, received)
+        finally:
+            pending.handled.set()
+
+    def _queue_decode_step(self, session: Session) -> tuple[float, PendingRound]:
+        """Queues a target-only step (an empty draft); returns when it was received, for the overhead metric."""
+        return time.monotonic(), self._submit_round(session, pb.DraftRound(position=len(session.context)))
+
+    def _verdict(self, session: Session, round_number: int, pending: PendingRound, received: float) -> pb.Verdict:
+        """Waits for the round's verification, commits it to the session and builds the verdict."""
+        drafts = pending.request.drafts
+        try:
+            result = pending.future.result()
         except SchedulerStopped as error:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         except Exception as error:
@@ -254,7 +289,7 @@ class WispService(pb_grpc.WispServicer):
             raise RequestError(grpc.StatusCode.INTERNAL, f"verification failed: {error}") from None
         commit = session.commit(drafts, result.verification)
         verdict = pb.Verdict(
-            round=draft.round,
+            round=round_number,
             num_accepted=commit.num_accepted,
             finished=commit.finished,
             finish_reason=commit.finish_reason,
@@ -270,14 +305,14 @@ class WispService(pb_grpc.WispServicer):
             verdict.next_token = commit.next_token
         features = result.verification.features
         if features is not None:  # rows from the first position this round computed, up to the new context's end
-            first = shape.context_tokens
+            first = pending.shape.context_tokens
             verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - first]))
         m = self.metrics
         m.rounds.inc()
         m.draft_tokens.inc(len(drafts))
         m.accepted_tokens.inc(commit.num_accepted)
         m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
-        m.round_overhead_seconds.observe(time.monotonic() - started - result.queue_seconds - result.verify_seconds)
+        m.round_overhead_seconds.observe(time.monotonic() - received - result.queue_seconds - result.verify_seconds)
         return verdict
 
     def _hints(self, session: Session) -> pb.Hints:
