@@ -90,8 +90,13 @@ class WispService(pb_grpc.WispServicer):
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"session {session.session_id} is already open; send `draft` or `close`",
                     )
-                verdict = self._verify_round(session, message.draft)
-                yield pb.SpeculateResponse(verdict=verdict)
+                received = time.monotonic()
+                pending = self._submit_round(session, message.draft)
+                try:
+                    verdict = self._verdict(session, message.draft.round, pending, received)
+                    yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
+                finally:
+                    pending.handled.set()
                 if verdict.finished:
                     return
         except RequestError as error:
@@ -117,13 +122,13 @@ class WispService(pb_grpc.WispServicer):
                     if not verdict.finished and context.is_active():
                         # Queued before this token is sent, so the next batch has it: continuous batching.
                         received, in_flight = self._queue_decode_step(session)
+                    yield pb.GenerateResponse(
+                        token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
+                        finished=verdict.finished,
+                        finish_reason=verdict.finish_reason,
+                    )
                 finally:
                     current.handled.set()
-                yield pb.GenerateResponse(
-                    token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
-                    finished=verdict.finished,
-                    finish_reason=verdict.finish_reason,
-                )
                 if in_flight is None:
                     return
         except RequestError as error:
@@ -264,14 +269,6 @@ class WispService(pb_grpc.WispServicer):
         except SchedulerStopped as error:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         return pending
-
-    def _verify_round(self, session: Session, draft: pb.DraftRound) -> pb.Verdict:
-        received = time.monotonic()
-        pending = self._submit_round(session, draft)
-        try:
-            return self._verdict(session, draft.round, pending, received)
-        finally:
-            pending.handled.set()
 
     def _queue_decode_step(self, session: Session) -> tuple[float, PendingRound]:
         """Queues a target-only step (an empty draft); returns when it was received, for the overhead metric."""
