@@ -4,7 +4,8 @@ One registry per server, so several servers can live in one process (tests,
 benchmarks). The time split matters most: the engine's forward pass
 (`wisp_verify_seconds`), the scheduler's own work per batch, choosing it and
 recording its outcome (`wisp_schedule_seconds`) and the service's own bookkeeping per round
-(`wisp_round_overhead_seconds`: validation, commit, building the verdict).
+once its batch is verified (`wisp_round_overhead_seconds`: commit, building the verdict). A
+round's wait (`wisp_queue_seconds`) runs from its arrival in the handler to its batch's start.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ServerMetrics:
             "wisp_verify_seconds", "Engine time per batch (forward, acceptance)", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_seconds = Histogram(
-            "wisp_queue_seconds", "Time a round waits for its batch to start", buckets=LATENCY_BUCKETS, registry=r
+            "wisp_queue_seconds", "From a round's arrival to its batch's start", buckets=LATENCY_BUCKETS, registry=r
         )
         self.schedule_seconds = Histogram(
             "wisp_schedule_seconds",
@@ -43,7 +44,7 @@ class ServerMetrics:
         )
         self.round_overhead_seconds = Histogram(
             "wisp_round_overhead_seconds",
-            "Service time per round besides waiting and verification",
+            "Service time per round after its batch: commit, building the verdict",
             buckets=SMALL_BUCKETS,
             registry=r,
         )

@@ -90,10 +90,9 @@ class WispService(pb_grpc.WispServicer):
                         grpc.StatusCode.FAILED_PRECONDITION,
                         f"session {session.session_id} is already open; send `draft` or `close`",
                     )
-                received = time.monotonic()
                 pending = self._submit_round(session, message.draft)
                 try:
-                    verdict = self._verdict(session, message.draft.round, pending, received)
+                    verdict = self._verdict(session, message.draft.round, pending)
                     yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
                 finally:
                     pending.handled.set()
@@ -113,15 +112,15 @@ class WispService(pb_grpc.WispServicer):
             session = self._start_session(
                 list(request.prompt_token_ids), [], request.sampling, request.stop, request.slo
             )
-            received, in_flight = self._queue_decode_step(session)
+            in_flight = self._queue_decode_step(session)
             while True:
                 current = in_flight
                 try:
-                    verdict = self._verdict(session, 0, current, received)
+                    verdict = self._verdict(session, 0, current)
                     in_flight = None
                     if not verdict.finished and context.is_active():
                         # Queued before this token is sent, so the next batch has it: continuous batching.
-                        received, in_flight = self._queue_decode_step(session)
+                        in_flight = self._queue_decode_step(session)
                     yield pb.GenerateResponse(
                         token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
                         finished=verdict.finished,
@@ -241,6 +240,7 @@ class WispService(pb_grpc.WispServicer):
 
     def _submit_round(self, session: Session, draft: pb.DraftRound) -> PendingRound:
         """Validates a round and queues it for verification; `_verdict` waits for it."""
+        arrival = time.monotonic()  # the round's wait for the engine starts here, GIL included
         if draft.position != len(session.context):
             raise RequestError(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -263,6 +263,7 @@ class WispService(pb_grpc.WispServicer):
             shape,
             deadline=session.deadline,
             expected_tokens=session.expected_tokens(len(drafts)),
+            arrival=arrival,
         )
         try:
             self.scheduler.submit(pending)
@@ -270,11 +271,11 @@ class WispService(pb_grpc.WispServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
         return pending
 
-    def _queue_decode_step(self, session: Session) -> tuple[float, PendingRound]:
-        """Queues a target-only step (an empty draft); returns when it was received, for the overhead metric."""
-        return time.monotonic(), self._submit_round(session, pb.DraftRound(position=len(session.context)))
+    def _queue_decode_step(self, session: Session) -> PendingRound:
+        """Queues a target-only step (an empty draft)."""
+        return self._submit_round(session, pb.DraftRound(position=len(session.context)))
 
-    def _verdict(self, session: Session, round_number: int, pending: PendingRound, received: float) -> pb.Verdict:
+    def _verdict(self, session: Session, round_number: int, pending: PendingRound) -> pb.Verdict:
         """Waits for the round's verification, commits it to the session and builds the verdict."""
         drafts = pending.request.drafts
         try:
@@ -309,7 +310,8 @@ class WispService(pb_grpc.WispServicer):
         m.draft_tokens.inc(len(drafts))
         m.accepted_tokens.inc(commit.num_accepted)
         m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
-        m.round_overhead_seconds.observe(time.monotonic() - received - result.queue_seconds - result.verify_seconds)
+        waited = result.queue_seconds + result.verify_seconds  # from arrival to the batch's end
+        m.round_overhead_seconds.observe(time.monotonic() - pending.arrival - waited)
         return verdict
 
     def _hints(self, session: Session) -> pb.Hints:
