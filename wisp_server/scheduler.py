@@ -58,7 +58,7 @@ class PendingRound:
     expected_tokens: float = 1.0  # tokens this round is expected to commit
     arrival: float = field(default_factory=time.monotonic)
     future: Future[RoundResult] = field(default_factory=Future)
-    # Set by the handler once it no longer needs the core for this round (its verdict is built).
+    # Set by the handler once it no longer needs the core for this round (its verdict is sent).
     handled: threading.Event = field(default_factory=threading.Event)
 
 
