@@ -7,12 +7,14 @@ sessions that the server is serving at the same time.
 from __future__ import annotations
 
 import threading
+from urllib.request import urlopen
 
 import grpc
 import pytest
 from conftest import make_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import reference_greedy
+from prometheus_client.parser import text_string_to_metric_families
 
 from wisp_common.models import load_causal_lm, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
@@ -49,6 +51,20 @@ def draft_request(position: int, tokens: list[int]) -> pb.SpeculateRequest:
 
 def call(stub, messages) -> list[pb.SpeculateResponse]:
     return list(stub.Speculate(iter(messages), timeout=30))
+
+
+def generated(stub, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The tokens of a whole Generate stream (target-only decoding)."""
+    request = pb.GenerateRequest(
+        prompt_token_ids=prompt, stop=pb.StopCondition(max_new_tokens=max_new_tokens, ignore_eos=True)
+    )
+    return [t for r in stub.Generate(request, timeout=60) for t in r.token_ids]
+
+
+def scrape(server) -> dict[str, float]:
+    """The server's metrics over HTTP, read by Prometheus' own parser."""
+    text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def refused(stub, messages) -> grpc.RpcError:
@@ -172,13 +188,9 @@ def test_generate_streams_share_every_step_and_a_client_that_leaves_disturbs_non
     handlers before starting a batch, so the streams never drift apart into smaller batches. A
     stream cancelled mid-way, with a step still queued, ends without disturbing the others.
     """
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
 
     def batches() -> tuple[float, float]:
-        text = urlopen(f"http://127.0.0.1:{tiny_server[0].metrics_port}/metrics", timeout=10).read().decode()
-        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+        samples = scrape(tiny_server[0])
         return samples["wisp_batch_size_sum"], samples["wisp_batch_size_count"]
 
     prompts = [PROMPT, [1, 9690, 198, 2683, 314, 260, 3575, 30], [1, 504, 3458, 30]]  # and a leaver: 4 sessions
@@ -186,11 +198,8 @@ def test_generate_streams_share_every_step_and_a_client_that_leaves_disturbs_non
     start = threading.Barrier(len(prompts) + 1)
 
     def decode(index: int) -> None:
-        request = pb.GenerateRequest(
-            prompt_token_ids=prompts[index], stop=pb.StopCondition(max_new_tokens=40, ignore_eos=True)
-        )
         start.wait()
-        results[index] = [t for r in stub.Generate(request, timeout=60) for t in r.token_ids]
+        results[index] = generated(stub, prompts[index], 40)
 
     def leave() -> None:
         request = pb.GenerateRequest(prompt_token_ids=PROMPT, stop=pb.StopCondition(max_new_tokens=200))
@@ -212,30 +221,15 @@ def test_generate_streams_share_every_step_and_a_client_that_leaves_disturbs_non
         assert results[index] == reference_greedy(target_model, prompt, 40)
     # 3 x 40 steps (and the leaver's few) in about 40 batches.
     assert (rows - rows_before) / (count - batches_before) >= 2.7
-    assert [
-        t
-        for r in stub.Generate(
-            pb.GenerateRequest(prompt_token_ids=PROMPT, stop=pb.StopCondition(max_new_tokens=8, ignore_eos=True)),
-            timeout=30,
-        )
-        for t in r.token_ids
-    ] == reference_greedy(target_model, PROMPT, 8)
+    assert generated(stub, PROMPT, 8) == reference_greedy(target_model, PROMPT, 8)  # and the server serves on
 
 
 def test_metrics_are_real_prometheus_exposition(tiny_server, stub, smollm2_tokenizer):
     """Scraped over HTTP and read by Prometheus' own parser: counters move with the traffic."""
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    def scrape() -> dict[str, float]:
-        text = urlopen(f"http://127.0.0.1:{tiny_server[0].metrics_port}/metrics", timeout=10).read().decode()
-        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
-
-    before = scrape()
+    before = scrape(tiny_server[0])
     call(stub, [open_request(smollm2_tokenizer, max_new_tokens=4), draft_request(len(PROMPT), [1, 2])])
     refused(stub, [open_request(smollm2_tokenizer, fingerprint="0123456789abcdef")])
-    after = scrape()
+    after = scrape(tiny_server[0])
     assert after["wisp_rounds_total"] >= before.get("wisp_rounds_total", 0) + 1
     assert after["wisp_draft_tokens_total"] >= before.get("wisp_draft_tokens_total", 0) + 2
     assert after["wisp_verify_seconds_count"] > before.get("wisp_verify_seconds_count", 0)
