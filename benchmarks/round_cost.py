@@ -11,6 +11,9 @@ each cell reports the median over the turns. Drafts are random tokens, so
 nearly all are rejected and every round computes the full 1 + 4 new tokens
 per session.
 
+Where the time goes is profiled too (torch.profiler, the largest cell only):
+attention, matrix products, and everything else, in ms per round.
+
     python benchmarks/round_cost.py                       # 1/4/8/16 sessions, ~100 and ~1000 tokens
     python benchmarks/round_cost.py --sessions 1 16 --rounds 10
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, print_table, run_worker, write_json  # noqa: E402
 
 CONFIGS = ("vllm", "hf", "decode")
+PARTS = ("attention", "matmul", "other")
 
 
 def random_prompt(rng: random.Random, length: int) -> list[int]:
@@ -42,7 +46,7 @@ def server_config(args: argparse.Namespace, engine: str):
         engine=engine,
         target_model=args.target_model,
         dtype=args.dtype,
-        max_context_tokens=max(args.contexts) + (args.rounds + args.warmup + 8) * (args.drafts + 1),
+        max_context_tokens=max(args.contexts) + (2 * args.rounds + 3 * args.warmup + 8) * (args.drafts + 1),
         max_sessions=max(args.sessions),
         max_draft_tokens=args.drafts,
         max_batch_tokens=max(args.sessions) * max(args.contexts) + 64,
@@ -60,7 +64,22 @@ def time_rounds(step, rounds: int) -> float:
     return statistics.median(times)
 
 
-def worker_verify(args: argparse.Namespace) -> dict[str, float]:
+def profile_rounds(step, rounds: int) -> dict[str, float]:
+    """Milliseconds per round of ``step()`` spent in attention, matrix products and the rest (operators' self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            step()
+    parts = dict.fromkeys(PARTS, 0.0)
+    for event in prof.key_averages():
+        name = event.key.lower()
+        part = "attention" if "attention" in name else "matmul" if "mm" in name or "linear" in name else "other"
+        parts[part] += event.self_cpu_time_total / 1000 / rounds
+    return parts
+
+
+def worker_verify(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from wisp_common.request import SamplingParams
     from wisp_server.engine import RoundRequest
     from wisp_server.server import build_engine
@@ -83,15 +102,17 @@ def worker_verify(args: argparse.Namespace) -> dict[str, float]:
             time_rounds(step, warmup)
             warmup = args.warmup
             results[f"{context}/{n}"] = time_rounds(step, args.rounds)
+            if (context, n) == (args.contexts[-1], args.sessions[-1]):
+                breakdown = profile_rounds(step, args.rounds)
             for sid in ids:
                 engine.remove_session(sid)
             print(
                 f"  {args.worker}: context {context}, {n} sessions: {results[f'{context}/{n}']:.1f} ms", file=sys.stderr
             )
-    return results
+    return {"ms": results, "breakdown": breakdown}
 
 
-def worker_decode(args: argparse.Namespace) -> dict[str, float]:
+def worker_decode(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Plain vLLM: every step decodes one token for every running request."""
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -122,7 +143,7 @@ def worker_decode(args: argparse.Namespace) -> dict[str, float]:
     for context in args.contexts:
         for n in args.sessions:
             params = SamplingParams(
-                temperature=0, max_tokens=warmup + args.rounds + 4, ignore_eos=True, detokenize=False
+                temperature=0, max_tokens=warmup + 2 * args.rounds + 4, ignore_eos=True, detokenize=False
             )
             ids = [f"{context}-{n}-{i}" for i in range(n)]
             for rid in ids:
@@ -133,10 +154,12 @@ def worker_decode(args: argparse.Namespace) -> dict[str, float]:
             time_rounds(engine.step, warmup)
             warmup = args.warmup
             results[f"{context}/{n}"] = time_rounds(engine.step, args.rounds)
+            if (context, n) == (args.contexts[-1], args.sessions[-1]):
+                breakdown = profile_rounds(engine.step, args.rounds)
             while engine.has_unfinished_requests():
                 engine.step()
             print(f"  decode: context {context}, {n} sessions: {results[f'{context}/{n}']:.1f} ms", file=sys.stderr)
-    return results
+    return {"ms": results, "breakdown": breakdown}
 
 
 def plot(results: dict[str, dict[str, float]], args: argparse.Namespace, path: Path) -> None:
@@ -175,12 +198,18 @@ def main() -> int:
         print(json.dumps(work(args)))
         return 0
 
-    turns: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
+    turns: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in CONFIGS}
     for repeat in range(args.repeats):
         for name in CONFIGS if repeat % 2 == 0 else reversed(CONFIGS):
             print(f"measuring {name} (turn {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
             turns[name].append(run_worker(__file__, name))
-    results = {name: {key: statistics.median(t[key] for t in runs) for key in runs[0]} for name, runs in turns.items()}
+
+    def median(name: str, field: str) -> dict[str, float]:
+        runs = [turn[field] for turn in turns[name]]
+        return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+    results = {name: median(name, "ms") for name in CONFIGS}
+    breakdown = {name: median(name, "breakdown") for name in CONFIGS}
 
     rows = []
     for context in args.contexts:
@@ -192,6 +221,8 @@ def main() -> int:
     small, large = min(args.contexts), max(args.contexts)
     growth = {n: round(results["vllm"][f"{large}/{n}"] / results["vllm"][f"{small}/{n}"], 2) for n in args.sessions}
     print(f"vllm round cost growth from ~{small} to ~{large} tokens of context: {growth}")
+    print(f"\nwhere a round's time goes, context ~{large}, {max(args.sessions)} sessions (ms, profiled):")
+    print_table(["config", *PARTS], [[name, *(breakdown[name][part] for part in PARTS)] for name in CONFIGS])
 
     png = RESULTS / "round_cost.png"
     plot(results, args, png)
@@ -201,6 +232,7 @@ def main() -> int:
             "args": {k: v for k, v in vars(args).items() if k != "worker"},
             "ms_per_round": results,
             "vllm_growth": growth,
+            "breakdown_ms": breakdown,
         },
     )
     print(f"wrote {path} and {png}")
