@@ -60,6 +60,14 @@ def test_the_controller_asks_for_more_drafts_only_while_they_look_good():
     assert fixed.round_length([signals(0.05)] * 5, RoundTiming(), can_draft_more=True) == 3
 
 
+def test_pipelined_drafting_goes_on_only_while_the_run_out_for_verification_stays_likely():
+    controller = SpeculationController(AcceptancePredictor(), 4, min_run_probability=0.25)
+    assert controller.keeps_pipelining([signals(0.97)] * 3)  # likely all accepted: the next round's work may stand
+    assert not controller.keeps_pipelining([signals(0.97), signals(0.05)])  # the verdict will almost surely reject
+    assert not controller.keeps_pipelining([signals(0.6)] * 4)  # each likely, the run of four not (0.6**4 < 0.25)
+    assert SpeculationController(None, 4).keeps_pipelining([signals(0.05)] * 4)  # SLED pipelines regardless
+
+
 def test_the_time_cap_stops_drafting_that_would_break_the_tpot_target():
     controller = SpeculationController(AcceptancePredictor(), 8, min_run_probability=0.0)
     confident = [signals(0.99)] * 3

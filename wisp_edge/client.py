@@ -232,7 +232,12 @@ class EdgeClient:
     ) -> tuple[float, pb.SpeculateResponse]:
         """Waits for the round's verdict (returns its arrival time too); with pipelining, drafts meanwhile."""
         ahead = min(room, sent + controller.max_drafts)  # as far as the next round could reach
-        while self.pipeline and len(self.drafter.pending) < ahead and inbox.empty():
+        while (
+            self.pipeline
+            and len(self.drafter.pending) < ahead
+            and inbox.empty()
+            and controller.keeps_pipelining(self.drafter.signals)
+        ):
             if not self._draft_one(stats):
                 break
             stats.pipelined += 1

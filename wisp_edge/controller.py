@@ -155,6 +155,18 @@ class SpeculationController:
             return length
         return None
 
+    def keeps_pipelining(self, signals: Sequence[DraftSignals]) -> bool:
+        """Whether to draft one more token while the round of ``signals`` (and the ones after it) is out.
+
+        A pipelined draft is kept only if every draft before it is accepted, and the device is still busy
+        with it when the verdict arrives, which delays the next round. So, as in the foreground, it goes
+        on only while the run drafted so far stays likely; a fixed-length (SLED) edge always does.
+        """
+        if not self.adaptive:
+            return True
+        run = math.prod(self.predictor.probability(s, position) for position, s in enumerate(signals))
+        return run >= self.min_run_probability
+
     def _in_budget(self, position: int, run: float, expected: float, timing: RoundTiming) -> bool:
         """Whether drafting token ``position`` keeps the round's time per committed token within the TPOT target.
 
