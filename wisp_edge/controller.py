@@ -158,9 +158,9 @@ class SpeculationController:
     def keeps_pipelining(self, signals: Sequence[DraftSignals]) -> bool:
         """Whether to draft one more token while the round of ``signals`` (and the ones after it) is out.
 
-        A pipelined draft is kept only if every draft before it is accepted, and the device is still busy
-        with it when the verdict arrives, which delays the next round. So, as in the foreground, it goes
-        on only while the run drafted so far stays likely; a fixed-length (SLED) edge always does.
+        A pipelined draft is kept only if every draft before it is accepted, and a draft step still running
+        when the verdict arrives delays the next round. So, as in the foreground, pipelining goes on only
+        while the run drafted so far stays likely; a fixed-length (SLED) edge always goes on.
         """
         if not self.adaptive:
             return True
