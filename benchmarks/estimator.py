@@ -89,7 +89,7 @@ def worker(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it, else float32")
     parser.add_argument("--backends", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
     parser.add_argument("--batches", type=int, default=200, help="held-out batches per backend")
     parser.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)

@@ -262,7 +262,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-model", default="smollm2-135m-instruct")
     parser.add_argument("--draft-model", default="smollm2-135m-wisp-draft")
-    parser.add_argument("--dtype", default="bfloat16", help="the target's dtype in the server")
+    parser.add_argument(
+        "--dtype", default="auto", help="the target's dtype in the server (auto: bfloat16 where the CPU computes in it)"
+    )
     parser.add_argument("--prompts-file", default=str(MT_BENCH))
     parser.add_argument("--prompts", type=int, default=32, help="requests per configuration")
     parser.add_argument("--devices", type=int, default=8, help="emulated devices, concurrent sessions")

@@ -117,7 +117,7 @@ def worker_decode(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from wisp_common.models import resolve_model
+    from wisp_common.models import resolve_dtype, resolve_model
     from wisp_server.vllm_engine import CPU_BLOCK_SIZE, configure_environment
 
     config = server_config(args, "vllm")
@@ -125,7 +125,7 @@ def worker_decode(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     engine = LLMEngine.from_engine_args(
         EngineArgs(
             model=resolve_model(args.target_model),
-            dtype=args.dtype,
+            dtype=resolve_dtype(args.dtype),
             max_model_len=config.max_context_tokens + 1,
             block_size=CPU_BLOCK_SIZE,
             max_num_seqs=config.max_sessions,
@@ -182,7 +182,7 @@ def plot(results: dict[str, dict[str, float]], args: argparse.Namespace, path: P
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it, else float32")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--drafts", type=int, default=4)

@@ -50,6 +50,7 @@ def distilled(tiny_target, tmp_path_factory):
     args += ["--prompt-source", "templates", "--num-prompts", "96", "--max-answer-tokens", "32", "--concurrency", "32"]
     args += ["--head-vocab", "16384"]
     args += ["--batch-tokens", "256", "--learning-rate", "5e-3", "--log-every", "1000", "--eval-fraction", "0.15"]
+    args += ["--train-dtype", "bfloat16"]  # the autocast path, on any CPU (emulated where it has no bf16)
     assert distill.main([*args, "--stage", "generate"]) == 0
     config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
     train_set, _ = split(config)
@@ -111,7 +112,14 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
     for shard in (distill.work_dir(config) / "data").iterdir():
         (work / "data" / shard.name).symlink_to(shard)
     again = DistillConfig(
-        **{**vars(config), "work_dir": str(work), "init_from": config.output, "learning_rate": 0.0, "epochs": 0.01}
+        **{
+            **vars(config),
+            "work_dir": str(work),
+            "init_from": config.output,
+            "learning_rate": 0.0,
+            "epochs": 0.01,
+            "train_dtype": "float32",
+        }
     )
     distill.train(again)
     trained = torch.load(work / "checkpoint.pt")

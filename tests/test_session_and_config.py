@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
+from wisp_common.models import cpu_has_bf16
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, StopCondition
 from wisp_common.verification import Verification
@@ -58,6 +59,20 @@ def test_config_precedence_defaults_yaml_env_flags(tmp_path):
     yaml_file.write_text("prot: 1\n")
     with pytest.raises(SystemExit, match="unknown option"):
         config_from_args(ServerConfig, parser.parse_args(["--config", str(yaml_file)]), environ={})
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni\n", False),  # AVX-512 alone emulates bf16
+        ("flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16\n", True),
+        ("flags\t\t: fpu avx2 amx_bf16 amx_tile amx_int8\n", True),
+        ("Features\t: fp asimd sve bf16 i8mm\n", True),  # Arm
+        ("Features\t: fp asimd evtstrm crc32\n", False),
+    ],
+)
+def test_dtype_auto_picks_bfloat16_only_where_the_cpu_computes_in_it(cpuinfo, native):
+    assert cpu_has_bf16(cpuinfo) is native
 
 
 def test_generated_stubs_match_the_proto(tmp_path):

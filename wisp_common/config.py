@@ -20,6 +20,9 @@ DEFAULT_TARGET = "smollm2-135m-instruct"
 DEFAULT_DRAFT = "smollm2-135m-wisp-draft"
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where the device computes in it, else float32
+
+
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -34,7 +37,7 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port (0 picks a free one, -1 turns it off)")
-    dtype: str = _opt("float32", "target weights and activations", ("float32", "bfloat16", "float16"))
+    dtype: str = _opt("float32", "target weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("cpu", "torch device for the hf engine (cpu, cuda, cuda:1, ...)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     kv_cache_gib: float = _opt(2.0, "vllm engine: memory for the paged KV cache, GiB")
@@ -62,7 +65,7 @@ class EdgeConfig:
     )
     min_run_probability: float = _opt(0.25, "adaptive: stop drafting when P(every draft so far accepted) falls below")
     pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
-    dtype: str = _opt("float32", "draft weights and activations", ("float32", "bfloat16", "float16"))
+    dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("cpu", "torch device for the draft model")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     device_id: str = _opt("", "name this device reports to the server (default: host name)")
@@ -87,7 +90,10 @@ class DistillConfig:
     work_dir: str = _opt("", "data and checkpoints, kept for resuming (default: OUTPUT.work)")
     stage: str = _opt("all", "run one stage, or all of them in turn", ("all", "generate", "train", "export"))
     engine: str = _opt("auto", "engine that generates the target's answers", ("auto", "vllm", "hf"))
-    dtype: str = _opt("bfloat16", "target dtype while generating", ("float32", "bfloat16", "float16"))
+    dtype: str = _opt("auto", "target dtype while generating (auto: bfloat16 where the hardware has it)", DTYPES)
+    train_dtype: str = _opt(
+        "auto", "training's autocast dtype (auto: bfloat16 where the hardware has it)", ("auto", "float32", "bfloat16")
+    )
     device: str = _opt("auto", "torch device for training and the hf engine (auto: cuda if present, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     prompts_file: str = _opt("", "prompts to answer (JSONL / ShareGPT) instead of --prompt-source")

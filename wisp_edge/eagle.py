@@ -130,7 +130,7 @@ def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cp
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if set(missing) != {"embed.weight"} or unexpected:
         raise ValueError(f"{path}: not a {MODEL_TYPE} checkpoint (missing {missing}, unexpected {unexpected})")
-    return model.to(device=device, dtype=torch_dtype(dtype)).eval()
+    return model.to(device=device, dtype=torch_dtype(dtype, device)).eval()
 
 
 class EagleDrafter(Drafter):

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from wisp_common.config import DistillConfig, ServerConfig, add_config_arguments, config_from_args
-from wisp_common.models import load_tokenizer, resolve_model
+from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model
 from wisp_common.request import SamplingParams
 from wisp_edge.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
 
@@ -80,6 +80,14 @@ def device_of(config: DistillConfig) -> str:
     if config.device != "auto":
         return config.device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def autocast(config: DistillConfig) -> torch.autocast:
+    """Training's matrix products in bfloat16 where the hardware computes in it (several times faster than
+    float32 there); the weights, optimizer state and losses stay float32."""
+    device = device_of(config)
+    dtype = resolve_dtype(config.train_dtype, device)
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 class Progress:
@@ -409,12 +417,13 @@ def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feat
         features = features + (torch.rand_like(features) * 2 - 1) * noise * feature_std
     tokens, mask, labels = batch.tokens.to(device), batch.mask.to(device), batch.labels.to(device)
     target_features = batch.next_features.to(device).float()
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.split(":")[0], enabled=False):  # the teacher in full precision
         target_probs = (target_features[mask] @ model.head.T).softmax(-1)
     scored = labels >= 0
     regression = cross_entropy = torch.zeros((), device=device)
     agreements = []
     for predicted, logits in unrolled(model, features, tokens, unroll):
+        predicted, logits = predicted.float(), logits.float()  # losses in float32, under autocast too
         regression = regression + F.smooth_l1_loss(predicted[mask], target_features[mask]) / unroll
         cross_entropy = cross_entropy - (target_probs * logits[mask].log_softmax(-1)).sum(-1).mean() / unroll
         picked = model.head_ids[logits.argmax(-1)]
@@ -510,9 +519,10 @@ def train(config: DistillConfig) -> None:
     while step < total_steps:
         batches = make_batches(train_set, config.batch_tokens, random.Random(config.seed + epoch))
         for batch in batches[step % batches_per_epoch :]:
-            regression, cross_entropy, agreements = losses(
-                model, batch, device, config.feature_noise, feature_std, config.unroll
-            )
+            with autocast(config):
+                regression, cross_entropy, agreements = losses(
+                    model, batch, device, config.feature_noise, feature_std, config.unroll
+                )
             (hits, scored), (own_hits, _) = agreements[0], agreements[-1]
             loss = regression + 0.1 * cross_entropy
             optimizer.zero_grad()

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
+from wisp_common.models import resolve_dtype
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_server.engine import VerificationEngine
@@ -130,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     log.info(
-        "loading target %s (%s engine, %s, %s)", config.target_model, engine_kind(config), config.dtype, config.device
+        "loading target %s (%s engine, %s, %s)",
+        config.target_model,
+        engine_kind(config),
+        resolve_dtype(config.dtype, config.device),
+        config.device,
     )
     server = WispServer(config, build_engine(config))
     server.start()

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from wisp_common.config import ServerConfig
+from wisp_common.models import resolve_dtype
 from wisp_common.request import SamplingParams
 from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
 
@@ -166,7 +167,7 @@ class VllmVerificationEngine(VerificationEngine):
         self.block_size = CPU_BLOCK_SIZE if config.device == "cpu" else 16
         args = EngineArgs(
             model=model_path,
-            dtype=config.dtype,
+            dtype=resolve_dtype(config.dtype, config.device),
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             max_num_seqs=config.max_sessions,
