@@ -10,6 +10,7 @@ to transformers as is: a local path or a HuggingFace model id.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.util
 import json
@@ -123,6 +124,7 @@ def resolve_model(name: str) -> str:
     return str(out)
 
 
+@functools.cache  # the hardware does not change under a running process; training asks every step
 def has_native_bf16(device: str = "cpu") -> bool:
     """Whether ``device`` computes in bfloat16 itself. A CPU without AVX512-BF16 or AMX (or Arm's BF16) emulates
     it, and a bf16 matrix product there runs 2-4x slower than a float32 one."""
