@@ -139,6 +139,32 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
     assert torch.equal(wider["model"]["fc.weight"], start.state_dict()["fc.weight"])
 
 
+def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path):
+    """--draft-layers with --init-from: the grown draft first predicts exactly what its start did, then its new
+    layer learns; its export records the layers and reloads with them."""
+    config, _ = distilled
+    start = load_eagle_model(config.output)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "data").symlink_to(distill.work_dir(config) / "data")
+    grow = {"work_dir": str(tmp_path / "work"), "output": str(tmp_path / "grown"), "init_from": config.output}
+    grow |= {"draft_layers": 2, "epochs": 0.01, "train_dtype": "float32"}
+    grown_config = DistillConfig(**{**vars(config), **grow})
+    distill.train(DistillConfig(**{**vars(grown_config), "learning_rate": 0.0}))
+    distill.export(grown_config)
+    grown = load_eagle_model(grown_config.output)
+    assert grown.layers == 2 and start.layers == 1
+    sample = distill.load_samples(config)[0]
+    m = len(sample.features) - 1  # pairs (f_i, x_{i+1}), as training feeds them
+    inputs = (sample.features[None, :m].float(), sample.tokens[None, 1 : m + 1].long())
+    with torch.inference_mode():
+        assert torch.equal(grown(*inputs)[1], start(*inputs)[1])
+
+    (tmp_path / "work" / "checkpoint.pt").unlink()
+    distill.train(grown_config)  # one step at the fixture's learning rate
+    learned = torch.load(tmp_path / "work" / "checkpoint.pt")["model"]
+    assert learned["decoder.layers.1.mlp.down_proj.weight"].abs().sum() > 0
+
+
 def test_the_target_writes_its_own_training_prompts(tmp_path):
     """--prompt-source self with the real SmolLM2: distinct, reproducible prompts opened by task openings, answered,
     kept for a resumed run."""

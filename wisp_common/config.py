@@ -114,6 +114,9 @@ class DistillConfig:
     head_vocab: int = _opt(
         16384, "size of the draft's trimmed output vocabulary (with --init-from: its head, widened to this size)"
     )
+    draft_layers: int = _opt(
+        1, "decoder layers in the draft (with --init-from: layers beyond its own are added, starting as identity)"
+    )
     init_from: str = _opt(
         "", "start training from this wisp-distill draft (name or path), e.g. to adapt it to new prompts"
     )

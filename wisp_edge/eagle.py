@@ -7,12 +7,13 @@ back with each verdict. At position i the draft combines f_i with the
 embedding of token x_{i+1}, runs one decoder layer over all such pairs so
 far, and predicts the feature at position i+1; the target's own output head
 (restricted to a trimmed vocabulary, so it stays cheap) turns that
-prediction into a distribution for x_{i+2}. Further drafts feed the
+prediction into a distribution for x_{i+2}. (One decoder layer as EAGLE's;
+`wisp-distill --draft-layers` can give it more.) Further drafts feed the
 predicted features back in, until the next verdict brings the real ones.
 
 The input embedding and output head are the target's, loaded from the
 target checkpoint named in the draft's config; the draft itself stores only
-its fusion layer, one decoder layer, a norm and the ids of its head's
+its fusion layer, its decoder layers, a norm and the ids of its head's
 vocabulary.
 """
 
@@ -45,11 +46,20 @@ DECODER_FIELDS = (
 
 
 class EagleDraftModel(nn.Module):
-    """fc([embed(x_{i+1}), f_i]) -> one Llama decoder layer -> norm: the predicted feature f_{i+1}."""
+    """fc([embed(x_{i+1}), f_i]) -> Llama decoder layer(s) -> norm: the predicted feature f_{i+1}."""
 
-    def __init__(self, target: str, decoder: dict, embedding: torch.Tensor, head: torch.Tensor, head_ids: torch.Tensor):
+    def __init__(
+        self,
+        target: str,
+        decoder: dict,
+        embedding: torch.Tensor,
+        head: torch.Tensor,
+        head_ids: torch.Tensor,
+        layers: int = 1,
+    ):
         super().__init__()
         self.target = target
+        self.layers = layers
         hidden = embedding.shape[1]
         self.embed = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.register_buffer("head_ids", head_ids.long())
@@ -58,7 +68,7 @@ class EagleDraftModel(nn.Module):
         self.decoder_config = dict(decoder)
         # Tokens come in through the target's embedding, so the decoder's own vocabulary is a placeholder.
         special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-        self.decoder = LlamaModel(LlamaConfig(vocab_size=1, num_hidden_layers=1, **special, **self.decoder_config))
+        self.decoder = LlamaModel(LlamaConfig(vocab_size=1, num_hidden_layers=layers, **special, **self.decoder_config))
 
     def forward(
         self,
@@ -78,7 +88,8 @@ class EagleDraftModel(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": MODEL_TYPE, "target": self.target, "decoder": self.decoder_config}
+        config = {"model_type": MODEL_TYPE, "target": self.target, "layers": self.layers}
+        config["decoder"] = self.decoder_config
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "embed.weight"}
         save_file(weights, path / WEIGHTS_FILE)
@@ -126,7 +137,8 @@ def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cp
     config = json.loads((path / CONFIG_FILE).read_text())
     weights = load_file(path / WEIGHTS_FILE)
     embedding, head = target_output_layers(config["target"])
-    model = EagleDraftModel(config["target"], config["decoder"], embedding, head, weights["head_ids"])
+    layers = config.get("layers", 1)  # drafts written before --draft-layers have one
+    model = EagleDraftModel(config["target"], config["decoder"], embedding, head, weights["head_ids"], layers)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if set(missing) != {"embed.weight"} or unexpected:
         raise ValueError(f"{path}: not a {MODEL_TYPE} checkpoint (missing {missing}, unexpected {unexpected})")

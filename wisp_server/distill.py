@@ -330,22 +330,25 @@ def head_vocabulary(samples: list[Sample], size: int, vocab: int, keep: torch.Te
     return torch.sort(torch.topk(counts, min(size, vocab)).indices).values
 
 
-def new_model(config: DistillConfig, head_ids: torch.Tensor) -> EagleDraftModel:
-    """The fusion layer starts as identity on the features; decoder layer and norm start as the target's last."""
+def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None = None) -> EagleDraftModel:
+    """The fusion layer starts as identity on the features; decoder layers and norm start as the target's last."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    layers = layers or config.draft_layers
     path = resolve_model(config.target_model)
     target_config = AutoConfig.from_pretrained(path)
     embedding, head = target_output_layers(config.target_model)
-    model = EagleDraftModel(config.target_model, decoder_config_of(target_config), embedding, head, head_ids)
-    last = f"model.layers.{target_config.num_hidden_layers - 1}."
+    model = EagleDraftModel(config.target_model, decoder_config_of(target_config), embedding, head, head_ids, layers)
+    first = target_config.num_hidden_layers - layers
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():
-                if key.startswith(last):
-                    state["decoder.layers.0." + key[len(last) :]] = handle.get_tensor(key).float()
+                if key.startswith("model.layers."):
+                    index, rest = key[len("model.layers.") :].split(".", 1)
+                    if int(index) >= first:
+                        state[f"decoder.layers.{int(index) - first}.{rest}"] = handle.get_tensor(key).float()
                 elif key == "model.norm.weight":
                     state["decoder.norm.weight"] = handle.get_tensor(key).float()
     model.load_state_dict(state, strict=False)
@@ -354,6 +357,25 @@ def new_model(config: DistillConfig, head_ids: torch.Tensor) -> EagleDraftModel:
         model.fc.weight.normal_(std=0.02 / math.sqrt(hidden))
         model.fc.weight[:, hidden:] += torch.eye(hidden)
     return model
+
+
+def grown_from(start: EagleDraftModel, model: EagleDraftModel) -> None:
+    """Loads ``start`` into ``model``, whose extra decoder layers begin as identity (their output projections
+    zeroed), so the grown draft predicts exactly what ``start`` did and training only adds to it."""
+    if model.layers < start.layers:
+        raise SystemExit(f"--draft-layers {model.layers} is fewer than the {start.layers} of the --init-from draft")
+    unexpected = model.load_state_dict({**start.state_dict(), "head_ids": model.head_ids}, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"the --init-from draft has weights the new draft lacks: {unexpected}")
+    with torch.no_grad():
+        for layer in model.decoder.layers[start.layers :]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
+def layers_in(state: dict) -> int:
+    """How many decoder layers a checkpoint's weights hold."""
+    return 1 + max(int(key.split(".")[2]) for key in state if key.startswith("decoder.layers."))
 
 
 @dataclass
@@ -473,14 +495,16 @@ def train(config: DistillConfig) -> None:
         head_ids = state["head_ids"]
     else:  # a start's head is kept, widened to --head-vocab
         head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=start.head_ids if start else None)
-    model = new_model(config, head_ids).to(device)
+    model = new_model(config, head_ids, layers_in(state["model"]) if state else None).to(device)
     if start:
-        model.load_state_dict({**start.state_dict(), "head_ids": head_ids})
+        grown_from(start, model)
         log.info(
-            "train: starting from the draft %s (its head of %d ids kept, now %d ids)",
+            "train: starting from the draft %s (its head of %d ids kept, now %d ids; %d decoder layers, now %d)",
             config.init_from,
             len(start.head_ids),
             len(head_ids),
+            start.layers,
+            model.layers,
         )
     feature_std = float(torch.cat([s.features[:64].float() for s in train_set[:200]]).std())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -585,7 +609,7 @@ def export(config: DistillConfig) -> None:
     if not checkpoint_path.exists():
         raise SystemExit(f"no checkpoint at {checkpoint_path}: run the train stage first")
     state = torch.load(checkpoint_path)
-    model = new_model(config, state["head_ids"])
+    model = new_model(config, state["head_ids"], layers_in(state["model"]))
     model.load_state_dict(state["model"], strict=False)
     out = Path(config.output)
     model.save(out)
