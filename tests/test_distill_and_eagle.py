@@ -141,7 +141,7 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
 
 def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path):
     """--draft-layers with --init-from: the grown draft first predicts exactly what its start did, then its new
-    layer learns; its export records the layers and reloads with them."""
+    layer learns; its export records the layers and reloads with them. A smaller --head-vocab narrows the head."""
     config, _ = distilled
     start = load_eagle_model(config.output)
     (tmp_path / "work").mkdir()
@@ -160,9 +160,10 @@ def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path
         assert torch.equal(grown(*inputs)[1], start(*inputs)[1])
 
     (tmp_path / "work" / "checkpoint.pt").unlink()
-    distill.train(grown_config)  # one step at the fixture's learning rate
-    learned = torch.load(tmp_path / "work" / "checkpoint.pt")["model"]
-    assert learned["decoder.layers.1.mlp.down_proj.weight"].abs().sum() > 0
+    distill.train(DistillConfig(**{**vars(grown_config), "head_vocab": 8300}))  # one step, a narrower head
+    learned = torch.load(tmp_path / "work" / "checkpoint.pt")
+    assert learned["model"]["decoder.layers.1.mlp.down_proj.weight"].abs().sum() > 0
+    assert len(start.head_ids) == 16384 and len(learned["head_ids"]) == 8300
 
 
 def test_the_target_writes_its_own_training_prompts(tmp_path):

@@ -112,7 +112,7 @@ class DistillConfig:
     concurrency: int = _opt(48, "answers generated at once")
     kv_cache_gib: float = _opt(2.0, "vllm engine: KV cache while generating, GiB")
     head_vocab: int = _opt(
-        16384, "size of the draft's trimmed output vocabulary (with --init-from: its head, widened to this size)"
+        16384, "size of the draft's trimmed output vocabulary (with --init-from: its head, widened or narrowed to it)"
     )
     draft_layers: int = _opt(
         1, "decoder layers in the draft (with --init-from: layers beyond its own are added, starting as identity)"

@@ -493,13 +493,14 @@ def train(config: DistillConfig) -> None:
     start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
     if state:
         head_ids = state["head_ids"]
-    else:  # a start's head is kept, widened to --head-vocab
-        head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=start.head_ids if start else None)
+    else:  # a start's head is kept when widened to --head-vocab; narrowed, the answers' most common ids stay
+        keep = start.head_ids if start and config.head_vocab >= len(start.head_ids) else None
+        head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=keep)
     model = new_model(config, head_ids, layers_in(state["model"]) if state else None).to(device)
     if start:
         grown_from(start, model)
         log.info(
-            "train: starting from the draft %s (its head of %d ids kept, now %d ids; %d decoder layers, now %d)",
+            "train: starting from the draft %s (its head of %d ids, now %d ids; %d decoder layers, now %d)",
             config.init_from,
             len(start.head_ids),
             len(head_ids),
