@@ -4,12 +4,12 @@ A standalone small draft has to guess the target's next token from the text
 alone. This one also reads the target's *feature* f_i: its last hidden state
 at position i, which the server computes anyway while verifying and sends
 back with each verdict. At position i the draft combines f_i with the
-embedding of token x_{i+1}, runs one decoder layer over all such pairs so
-far, and predicts the feature at position i+1; the target's own output head
-(restricted to a trimmed vocabulary, so it stays cheap) turns that
-prediction into a distribution for x_{i+2}. (One decoder layer as EAGLE's;
-`wisp-distill --draft-layers` can give it more.) Further drafts feed the
-predicted features back in, until the next verdict brings the real ones.
+embedding of token x_{i+1}, runs its decoder layers (EAGLE's one, or more:
+`wisp-distill --draft-layers`) over all such pairs so far, and predicts the
+feature at position i+1; the target's own output head (restricted to a
+trimmed vocabulary, so it stays cheap) turns that prediction into a
+distribution for x_{i+2}. Further drafts feed the predicted features back
+in, until the next verdict brings the real ones.
 
 The input embedding and output head are the target's, loaded from the
 target checkpoint named in the draft's config; the draft itself stores only

@@ -338,6 +338,8 @@ def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None 
     layers = layers or config.draft_layers
     path = resolve_model(config.target_model)
     target_config = AutoConfig.from_pretrained(path)
+    if not 1 <= layers <= target_config.num_hidden_layers:
+        raise SystemExit(f"--draft-layers {layers}: must be 1 to the target's {target_config.num_hidden_layers}")
     embedding, head = target_output_layers(config.target_model)
     model = EagleDraftModel(config.target_model, decoder_config_of(target_config), embedding, head, head_ids, layers)
     first = target_config.num_hidden_layers - layers
