@@ -59,7 +59,6 @@ class EagleDraftModel(nn.Module):
     ):
         super().__init__()
         self.target = target
-        self.layers = layers
         hidden = embedding.shape[1]
         self.embed = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.register_buffer("head_ids", head_ids.long())
@@ -69,6 +68,10 @@ class EagleDraftModel(nn.Module):
         # Tokens come in through the target's embedding, so the decoder's own vocabulary is a placeholder.
         special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
         self.decoder = LlamaModel(LlamaConfig(vocab_size=1, num_hidden_layers=layers, **special, **self.decoder_config))
+
+    @property
+    def layers(self) -> int:
+        return len(self.decoder.layers)
 
     def forward(
         self,
@@ -88,8 +91,12 @@ class EagleDraftModel(nn.Module):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": MODEL_TYPE, "target": self.target, "layers": self.layers}
-        config["decoder"] = self.decoder_config
+        config = {
+            "model_type": MODEL_TYPE,
+            "target": self.target,
+            "layers": self.layers,
+            "decoder": self.decoder_config,
+        }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "embed.weight"}
         save_file(weights, path / WEIGHTS_FILE)
