@@ -85,21 +85,26 @@ def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
 
 
 def test_training_time_test_sees_what_the_drafter_sees(distilled):
-    """--unroll: at position 1, a second step's logits are the drafter's for its second draft after a verdict
-    that brought one feature (the target's f_0 with x_1, then its own predicted f_1 with its first draft)."""
+    """--unroll: the k-th step's logits at a position are the drafter's k-th draft there, after a verdict that
+    brought the target's features up to it (step 2 from its own predicted feature on top of the target's, step 3
+    from two of its own), and differ from teacher forcing's."""
     config, _ = distilled
     model = load_eagle_model(config.output)
     sample = distill.load_samples(config)[0]
     x, f = sample.tokens.long().tolist(), sample.features.float()
+    t = 8  # the verdict brought f_0 .. f_{t-1}; x_t is the newest committed token
     drafter = EagleDrafter(model)
-    drafter.start(x[:1])
-    drafter.commit(0, x[1], f[:1])
-    first, _ = drafter.draft(2)
+    drafter.start(x[:t])
+    drafter.commit(0, x[t], f[:t])
+    drafts = drafter.draft(3)
+    tokens = torch.tensor([x[1 : t + 1] + drafts[:2]])  # the pairs' tokens: (f_i, x_{i+1}), then the drafts
     with torch.inference_mode():
-        steps = list(distill.unrolled(model, f[None, :2], torch.tensor([[x[1], first]]), 2))
-    drafted = astuple(drafter.signals[1])
-    assert astuple(signals_of(steps[1][1][0, 1])) == pytest.approx(drafted, rel=1e-4, abs=1e-5)
-    assert astuple(signals_of(steps[0][1][0, 1])) != pytest.approx(drafted, rel=1e-4, abs=1e-5)  # f_1 differs
+        steps = [logits[0] for _, logits in distill.unrolled(model, f[None, : t + 2], tokens, 3)]
+    drafted = [astuple(signals) for signals in drafter.signals]
+    for k in range(3):
+        assert astuple(signals_of(steps[k][t + k - 1])) == pytest.approx(drafted[k], rel=1e-4, abs=1e-5), k
+    for k in (1, 2):  # teacher forcing would have had the target's feature there
+        assert astuple(signals_of(steps[0][t + k - 1])) != pytest.approx(drafted[k], rel=1e-4, abs=1e-5), k
 
 
 def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
@@ -160,8 +165,11 @@ def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path
         assert torch.equal(grown(*inputs)[1], start(*inputs)[1])
 
     (tmp_path / "work" / "checkpoint.pt").unlink()
-    distill.train(DistillConfig(**{**vars(grown_config), "head_vocab": 8300}))  # one step, a narrower head
+    # One step from the grown draft: without --draft-layers it keeps its two; a narrower head.
+    onward = {"init_from": grown_config.output, "draft_layers": 0, "head_vocab": 8300}
+    distill.train(DistillConfig(**{**vars(grown_config), **onward}))
     learned = torch.load(tmp_path / "work" / "checkpoint.pt")
+    assert distill.layers_in(learned["model"]) == 2
     assert learned["model"]["decoder.layers.1.mlp.down_proj.weight"].abs().sum() > 0
     assert len(start.head_ids) == 16384 and len(learned["head_ids"]) == 8300
 

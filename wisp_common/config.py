@@ -115,7 +115,9 @@ class DistillConfig:
         16384, "size of the draft's trimmed output vocabulary (with --init-from: its head, widened or narrowed to it)"
     )
     draft_layers: int = _opt(
-        1, "decoder layers in the draft (with --init-from: layers beyond its own are added, starting as identity)"
+        0,
+        "decoder layers in the draft (0: one, or the --init-from draft's; more than it has are added, starting as "
+        "identity)",
     )
     init_from: str = _opt(
         "", "start training from this wisp-distill draft (name or path), e.g. to adapt it to new prompts"

@@ -79,10 +79,19 @@ class EagleDraftModel(nn.Module):
         tokens: torch.Tensor,
         cache: DynamicCache | None = None,
         position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``features`` [batch, n, hidden] and ``tokens`` [batch, n] -> predicted features and head logits."""
+        """``features`` [batch, n, hidden] and ``tokens`` [batch, n] -> predicted features and head logits.
+
+        ``attention_mask``: None is causal; a boolean [1, 1, n, cached + n] says which keys each query sees."""
         fused = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
-        out = self.decoder(inputs_embeds=fused, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.decoder(
+            inputs_embeds=fused,
+            position_ids=position_ids,
+            past_key_values=cache,
+            attention_mask=attention_mask,
+            use_cache=True,
+        )
         predicted = out.last_hidden_state
         return predicted, predicted @ self.head.T
 

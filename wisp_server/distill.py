@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from wisp_common.config import DistillConfig, ServerConfig, add_config_arguments, config_from_args
 from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model
@@ -335,7 +336,7 @@ def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None 
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    layers = layers or config.draft_layers
+    layers = layers or config.draft_layers or 1
     path = resolve_model(config.target_model)
     target_config = AutoConfig.from_pretrained(path)
     if not 1 <= layers <= target_config.num_hidden_layers:
@@ -433,8 +434,7 @@ def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feat
     Step 1 conditions on the target's features (teacher forcing). Each further step conditions on the step
     before's predictions, shifted one position on, as the draft does past its first token between verdicts.
     Training on them is the training-time test of HASS (Zhang et al., arXiv 2408.15766) and EAGLE-3 (Li et al.,
-    arXiv 2503.01840): it teaches the draft to work from its own, drifting, features. (Simplified: a further
-    step attends to predicted features at every earlier position too, where the drafter has the target's.)
+    arXiv 2503.01840): it teaches the draft to work from its own, drifting, features.
     """
     features = batch.features.to(device).float()
     if noise > 0:
@@ -457,11 +457,28 @@ def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feat
 
 def unrolled(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tensor, steps: int):
     """The draft's (predicted features, logits) at each step: the first from ``features``, each next one from
-    the step before's predictions shifted one position on (position 0 keeps its given feature)."""
-    for _ in range(steps):
-        predicted, logits = model(features, tokens)
+    the step before's predictions shifted one position on (position 0 keeps its given feature).
+
+    Step k's query at position i sees what the drafter's k-th draft after a verdict sees: the pairs built from
+    the target's features up to position i - k + 1, then one pair from each later step (`step_mask`). All
+    steps' keys stay in one cache, so each step costs one pass over the sequence.
+    """
+    cache = DynamicCache()
+    n = tokens.shape[1]
+    positions = torch.arange(n, device=tokens.device)[None]
+    for step in range(steps):
+        mask = step_mask(n, step, tokens.device) if step else None
+        predicted, logits = model(features, tokens, cache, positions, attention_mask=mask)
         yield predicted, logits
         features = torch.cat([features[:, :1], predicted[:, :-1]], dim=1)
+
+
+def step_mask(n: int, step: int, device) -> torch.Tensor:
+    """[1, 1, n, (step + 1) * n], True where step ``step`` (0: teacher forcing) at position i may attend: the
+    first step's keys at positions <= i - step, and step r's key at position i - (step - r) for r = 1..step."""
+    i, j = torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None, :]
+    blocks = [j <= i - step] + [j == i - (step - r) for r in range(1, step + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
 
 
 def evaluate(
@@ -498,7 +515,8 @@ def train(config: DistillConfig) -> None:
     else:  # a start's head is kept when widened to --head-vocab; narrowed, the answers' most common ids stay
         keep = start.head_ids if start and config.head_vocab >= len(start.head_ids) else None
         head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=keep)
-    model = new_model(config, head_ids, layers_in(state["model"]) if state else None).to(device)
+    layers = layers_in(state["model"]) if state else config.draft_layers or (start.layers if start else 1)
+    model = new_model(config, head_ids, layers).to(device)
     if start:
         grown_from(start, model)
         log.info(
