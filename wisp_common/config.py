@@ -126,6 +126,9 @@ class DistillConfig:
     batch_tokens: int = _opt(4096, "tokens per training batch")
     learning_rate: float = _opt(1e-3, "AdamW peak learning rate (warm-up, then cosine decay)")
     feature_noise: float = _opt(0.1, "uniform noise on input features, a fraction of their std")
+    token_loss_weight: float = _opt(
+        0.1, "weight of the token loss (soft cross entropy) beside the feature loss (weight 1)"
+    )
     unroll: int = _opt(
         1, "training-time test: 1 trains on the target's features only; N adds N-1 steps on the draft's own"
     )

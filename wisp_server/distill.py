@@ -569,7 +569,7 @@ def train(config: DistillConfig) -> None:
                     model, batch, device, config.feature_noise, feature_std, config.unroll
                 )
             (hits, scored), (own_hits, _) = agreements[0], agreements[-1]
-            loss = regression + 0.1 * cross_entropy
+            loss = regression + config.token_loss_weight * cross_entropy
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
