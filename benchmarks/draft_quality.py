@@ -8,6 +8,8 @@
 2. tokens per round: real edge sessions through a real server (vllm engine)
    at fixed speculation lengths, several sessions at once: tokens committed
    per verification round, the figure that decides the server's capacity.
+   The edge as shipped (draft and prompt lookup) and the draft alone, in
+   turns against the same server.
 3. cost: the draft's and the target's time per token at batch 1 with a KV
    cache, in this process, in alternating turns; and each one's tokens/s.
 
@@ -32,6 +34,10 @@ from report import RESULTS, print_table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
+VARIANTS = {  # result key: (legend, colour)
+    "tokens_per_round": ("draft + prompt lookup (the edge's default)", "tab:blue"),
+    "tokens_per_round_draft_alone": ("draft alone", "tab:gray"),
+}
 
 
 def target_answers(args, prompts: list[list[int]], eos: int | None):
@@ -93,15 +99,16 @@ def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int |
     return {**totals, "wall_seconds": time.monotonic() - started}
 
 
-def cost(args, prompt: list[int], target, draft_model) -> dict[str, float]:
-    """Median seconds per token at batch 1 with a KV cache: target decode steps vs draft steps, in turns."""
+def cost(args, prompt: list[int], target, draft_model, lookup) -> dict[str, float]:
+    """Median seconds per token at batch 1 with a KV cache: target decode steps vs draft steps (with the prompt
+    lookup, and alone), in turns."""
     from transformers import DynamicCache
 
     from wisp_edge.eagle import EagleDrafter
 
     with torch.inference_mode():
         features = target.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
-    times: dict[str, list[float]] = {"target": [], "draft": []}
+    times: dict[str, list[float]] = {"target": [], "draft": [], "draft_alone": []}
     for _ in range(args.cost_turns):
         cache = DynamicCache()
         with torch.inference_mode():
@@ -110,14 +117,15 @@ def cost(args, prompt: list[int], target, draft_model) -> dict[str, float]:
                 start = time.perf_counter()
                 logits = target(input_ids=logits.argmax().view(1, 1), past_key_values=cache).logits[0, -1]
                 times["target"].append(time.perf_counter() - start)
-        drafter = EagleDrafter(draft_model)
-        drafter.start(prompt[:-1])
-        drafter.commit(0, prompt[-1], features[:-1])
-        drafter.draft_one()  # the pass over the prompt's features, not a per-token cost
-        for _ in range(args.cost_tokens):
-            start = time.perf_counter()
-            drafter.draft_one()
-            times["draft"].append(time.perf_counter() - start)
+        for name, with_lookup in (("draft", lookup), ("draft_alone", None)):
+            drafter = EagleDrafter(draft_model, lookup=with_lookup)
+            drafter.start(prompt[:-1])
+            drafter.commit(0, prompt[-1], features[:-1])
+            drafter.draft_one()  # the pass over the prompt's features, not a per-token cost
+            for _ in range(args.cost_tokens):
+                start = time.perf_counter()
+                drafter.draft_one()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -129,12 +137,17 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     labels = list(result["tokens_per_round"])
-    left.bar(labels, [result["tokens_per_round"][k] for k in labels], color="tab:blue")
+    width = 0.4
+    for shift, (variant, (legend, color)) in zip((-width / 2, width / 2), VARIANTS.items()):
+        values = [result[variant].get(k, 0.0) for k in labels]
+        left.bar([i + shift for i in range(len(labels))], values, width, color=color, label=legend)
+    left.set_xticks(range(len(labels)), labels)
     left.axhline(1.8, color="tab:red", linestyle="--", label="bar: 1.8")
     left.set(title="tokens committed per verification round", xlabel="speculation length", ylabel="tokens / round")
     left.legend()
-    names = ["target", "draft"]
-    right.bar(names, [1 / result["seconds_per_token"][n] for n in names], color=["tab:gray", "tab:green"])
+    names = ["target", "draft", "draft_alone"]
+    speeds = [1 / result["seconds_per_token"][n] for n in names]
+    right.bar(["target", "draft + lookup", "draft alone"], speeds, color=["tab:gray", "tab:green", "tab:olive"])
     right.set(
         title=f"batch-1 speed (draft/target cost {result['cost_ratio']:.3f}); agreement {result['agreement']:.3f}",
         ylabel="tokens / s",
@@ -150,7 +163,7 @@ def main() -> int:
     parser.add_argument("--prompts", default=str(MT_BENCH), help="JSONL / MT-Bench / ShareGPT prompts")
     parser.add_argument("--dtype", default="float32", help="the target's dtype, in the server and for agreement")
     parser.add_argument("--answer-tokens", type=int, default=96)
-    parser.add_argument("--server-prompts", type=int, default=40, help="prompts answered through the server per length")
+    parser.add_argument("--server-prompts", type=int, default=80, help="prompts answered through the server per run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 3, 4], help="fixed speculation lengths")
     parser.add_argument("--concurrency", type=int, default=8, help="edge sessions at once")
     parser.add_argument("--cost-tokens", type=int, default=32)
@@ -159,62 +172,89 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from wisp_common.config import EdgeConfig
     from wisp_common.models import load_causal_lm, load_tokenizer
     from wisp_common.prompts import load_prompts
     from wisp_edge.cli import encode_prompt
     from wisp_edge.drafter import drafter_factory
     from wisp_edge.eagle import EagleDrafter
+    from wisp_edge.lookup import PromptLookup
     from wisp_server.launcher import ServerProcess
 
     tokenizer = load_tokenizer(args.target_model)
     prompts = [encode_prompt(tokenizer, text, chat=True) for text in load_prompts(args.prompts)]
-    make_drafter = drafter_factory(args.draft_model)
-    if not isinstance(make_drafter(), EagleDrafter):
+    lookup = PromptLookup.of(EdgeConfig())  # the edge's default
+    drafters = {
+        "tokens_per_round": drafter_factory(args.draft_model, lookup=lookup),
+        "tokens_per_round_draft_alone": drafter_factory(args.draft_model),
+    }
+    if not isinstance(drafters["tokens_per_round"](), EagleDrafter):
         raise SystemExit(f"{args.draft_model} is not a feature-conditioned draft (made by wisp-distill)")
-    draft_model = make_drafter().model
+    draft_model = drafters["tokens_per_round"]().model
 
     print(f"1/3 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
     samples = target_answers(args, prompts, tokenizer.eos_token_id)
     rate, own_rate = agreement(draft_model, samples)
 
-    print("2/3 tokens per round through a real server", file=sys.stderr)
-    rounds: dict[str, float] = {}
+    print("2/3 tokens per round through a real server, with the prompt lookup and without", file=sys.stderr)
+    rounds: dict[str, dict[str, float]] = {variant: {} for variant in VARIANTS}
     details: dict[str, dict] = {}
     server_args = ["--target-model", args.target_model, "--engine", "vllm", "--dtype", args.dtype]
     with ServerProcess([*server_args, "--max-draft-tokens", "8"], log_prefix=None) as server:
         args.server = server.address
         for length in [*args.lengths, None]:
             name = str(length) if length else "adaptive"
-            totals = tokens_per_round(args, prompts[: args.server_prompts], make_drafter, length)
-            rounds[name] = totals["tokens"] / totals["rounds"]
-            details[name] = totals
-            print(f"  length {name}: {rounds[name]:.2f} tokens/round", file=sys.stderr)
+            for variant, make_drafter in drafters.items():
+                if length is None and variant != "tokens_per_round":
+                    continue  # the controller is calibrated for the edge as shipped
+                totals = tokens_per_round(args, prompts[: args.server_prompts], make_drafter, length)
+                rounds[variant][name] = totals["tokens"] / totals["rounds"]
+                details[f"{variant}/{name}"] = totals
+            alone = rounds["tokens_per_round_draft_alone"].get(name)
+            print(
+                f"  length {name}: {rounds['tokens_per_round'][name]:.2f} tokens/round"
+                + (f" (draft alone {alone:.2f})" if alone else ""),
+                file=sys.stderr,
+            )
 
     print("3/3 cost per token at batch 1", file=sys.stderr)
     target = load_causal_lm(args.target_model, "float32")
-    seconds = cost(args, prompts[0], target, draft_model)
+    seconds = cost(args, prompts[0], target, draft_model, lookup)
     result = {
         "target_model": args.target_model,
         "draft_model": args.draft_model,
+        "lookup": vars(lookup) if lookup else None,
         "agreement": rate,
         "agreement_own_features": own_rate,
-        "tokens_per_round": rounds,
+        **rounds,
         "server_runs": details,
         "seconds_per_token": seconds,
         "tokens_per_second": {name: 1 / s for name, s in seconds.items()},
         "cost_ratio": seconds["draft"] / seconds["target"],
+        "cost_ratio_draft_alone": seconds["draft_alone"] / seconds["target"],
         "args": vars(args),
     }
-    best = max(rounds[str(n)] for n in args.lengths)
+    with_lookup, alone_rounds = rounds["tokens_per_round"], rounds["tokens_per_round_draft_alone"]
+    alone = result["cost_ratio_draft_alone"]
+    best = max(with_lookup[str(n)] for n in args.lengths)
     print_table(
-        ["metric", "value", "bar"],
+        ["metric", "value", "draft alone", "bar"],
         [
-            ["greedy agreement (teacher forcing, MT-Bench)", round(rate, 3), ">= 0.45"],
-            ["the same, from its own predicted feature (step 2)", round(own_rate, 3), ""],
-            *[[f"tokens/round, length {k}", round(v, 2), ">= 1.8 (best of 2-4)"] for k, v in rounds.items()],
-            ["draft / target time per token (batch 1)", round(result["cost_ratio"], 3), "<= 0.15"],
-            ["target tokens/s (batch 1, HF)", round(1 / seconds["target"], 1), ""],
-            ["draft tokens/s (batch 1)", round(1 / seconds["draft"], 1), ""],
+            ["greedy agreement (teacher forcing, MT-Bench)", round(rate, 3), "", ">= 0.45"],
+            ["the same, from its own predicted feature (step 2)", round(own_rate, 3), "", ""],
+            *[
+                [f"tokens/round, length {k}", round(v, 2), round(alone_rounds[k], 2), ">= 1.8 (best of 2-4)"]
+                for k, v in with_lookup.items()
+                if k in alone_rounds
+            ],
+            *[
+                ["tokens/round, the speculation controller (max 8)", round(v, 2), "", ""]
+                for k, v in with_lookup.items()
+                if k not in alone_rounds
+            ],
+            ["draft / target time per token (batch 1)", round(result["cost_ratio"], 3), round(alone, 3), "<= 0.15"],
+            ["target tokens/s (batch 1, HF)", round(1 / seconds["target"], 1), "", ""],
+            ["draft tokens/s (batch 1)", round(1 / seconds["draft"], 1), round(1 / seconds["draft_alone"], 1), ""],
         ],
     )
     print(f"best fixed length: {best:.2f} tokens/round")

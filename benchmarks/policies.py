@@ -108,17 +108,19 @@ def _device(args, index: int, jobs, work, results) -> None:
     import grpc
     import torch
 
+    from wisp_common.config import EdgeConfig
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
     from wisp_common.request import Slo
     from wisp_edge.client import EdgeClient
     from wisp_edge.controller import AcceptancePredictor
     from wisp_edge.drafter import drafter_factory
+    from wisp_edge.lookup import PromptLookup
 
     if args.pin:
         os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
-    make_drafter = drafter_factory(args.draft_model)
+    make_drafter = drafter_factory(args.draft_model, lookup=PromptLookup.of(EdgeConfig()))  # as every policy's edge
     identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=args.fingerprint)
     slo = Slo(args.slo_ttft, args.slo_tpot)
     results.put((index, "ready", None))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from hypothesis import strategies as st
 from wisp_common.models import load_causal_lm
 from wisp_common.request import Slo
 from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController, verdict_labels
-from wisp_edge.drafter import DraftSignals
+from wisp_edge.drafter import DraftSignals, ModelDrafter
+from wisp_edge.lookup import PromptLookup
 
 
 def signals(top1: float) -> DraftSignals:
@@ -93,20 +96,24 @@ def synthetic_rows(weights: np.ndarray, n: int, seed: int):
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        s, position = signals(rng.uniform(0.02, 0.98)), rng.randrange(8)
+        s, position = replace(signals(rng.uniform(0.02, 0.98)), lookup=rng.random() < 0.3), rng.randrange(8)
         p = AcceptancePredictor(weights).probability(s, position)
         rows.append((s, position, rng.random() < p))
     return rows
 
 
 def test_the_fitted_predictor_beats_the_prior_and_adapts_online(tmp_path):
-    truth = np.array([-1.0, 3.0, -0.3, 1.0, -1.5])  # deeper positions are accepted less often
+    truth = np.array([-1.0, 3.0, -0.3, 1.0, -1.5, 2.5])  # deeper positions less often, lookup tokens more
     rows = synthetic_rows(truth, 4000, seed=1)
     fitted = AcceptancePredictor.fit(rows)
     held_out = synthetic_rows(truth, 2000, seed=2)
     assert fitted.log_loss(held_out) < AcceptancePredictor().log_loss(held_out) - 0.02
     fitted.save(tmp_path / "controller.json")
     assert np.allclose(AcceptancePredictor.beside(str(tmp_path)).weights, fitted.weights)
+    assert fitted.weights[-1] > 1.5  # it learns that lookup tokens are accepted more often
+    # A predictor saved before the lookup feature existed loads with weight 0 on it: as it was fitted.
+    (tmp_path / "old.json").write_text(json.dumps({"weights": [-1.0, 3.0, -0.3, 1.0, -1.5]}))
+    assert AcceptancePredictor.load(tmp_path / "old.json").weights.tolist() == [-1.0, 3.0, -0.3, 1.0, -1.5, 0.0]
 
     online = SpeculationController(AcceptancePredictor(), 4)
     before = online.predictor.log_loss(held_out)
@@ -142,6 +149,8 @@ def generate_at_once(address: str, drafts: list[str], tokenizer, adaptive: bool,
         client = make_client(address, drafts[i], tokenizer)
         client.predictor = AcceptancePredictor() if adaptive else None
         client.pipeline = pipeline
+        if i == len(PROMPTS) - 1:  # the unrelated draft's session takes every token the prompt lookup proposes
+            client.drafter.lookup = PromptLookup(max_ngram=4, below=1.01)
         results[i] = client.generate(PROMPTS[i], max_new_tokens=40, draft_tokens=5, ignore_eos=True, slo=slo)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
@@ -159,7 +168,8 @@ def test_every_policy_and_controller_setting_is_lossless(
     """Adaptive and fixed rounds, with and without pipelining, with tight and loose SLOs, three sessions at once.
 
     The first session drafts with the target itself, so its drafts are always accepted and pipelined drafts
-    survive; the others draft with a close and an unrelated model, so drafts are rejected too.
+    survive; the others draft with a close and an unrelated model (with the prompt lookup), so drafts are
+    rejected too.
     """
     with running_server(tiny_pair[0], engine="hf", policy=policy, max_sessions=8, sled_window=0.01) as server:
         for adaptive, pipeline, slo in CONTROLLER_SETTINGS:
@@ -188,3 +198,32 @@ def test_crop_cache_keeps_the_first_positions(keep, left):
     crop_cache(cache, keep)
     assert cache.get_seq_length() == left
     assert torch.equal(cache.layers[0].keys, torch.arange(10.0).view(1, 1, 5, 2)[:, :, :left])
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        ([1, 2, 3, 9, 1, 2, 3], 9),  # the suffix 1 2 3 occurred before, followed by 9
+        ([1, 2, 5, 1, 2, 6, 1, 2], 6),  # the latest earlier occurrence wins
+        ([7, 2, 3, 8, 5, 2, 3, 9, 7, 2, 3], 8),  # the longest matching suffix wins over a later, shorter one
+        ([4, 5, 6, 4], None),  # a single token's match is below min_ngram
+        ([3, 3, 3], 3),  # overlapping copies count
+        ([1], None),
+    ],
+)
+def test_prompt_lookup_proposes_what_followed_the_longest_earlier_copy_of_the_suffix(tokens, expected):
+    assert PromptLookup(max_ngram=4, below=1.0).propose(tokens) == expected
+
+
+def test_the_drafter_takes_the_lookup_only_where_the_draft_is_unsure():
+    model = tiny_llama(500, layers=1, seed=3)
+    context = [10, 11, 12, 13, 14, 10, 11]  # the lookup proposes 12
+    picks = {}
+    for below in (0.0, 1.01):
+        drafter = ModelDrafter(model, lookup=PromptLookup(max_ngram=4, below=below))
+        drafter.start(context)
+        picks[below] = drafter.draft_one(), drafter.signals[0].lookup
+    plain = ModelDrafter(model)
+    plain.start(context)
+    assert picks[0.0] == (plain.draft_one(), False) and plain.pending[0] != 12
+    assert picks[1.01] == (12, True)

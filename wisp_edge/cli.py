@@ -56,12 +56,15 @@ def build_client(config: EdgeConfig):
     from wisp_edge.client import EdgeClient
     from wisp_edge.controller import AcceptancePredictor
     from wisp_edge.drafter import drafter_factory
+    from wisp_edge.lookup import PromptLookup
 
     transformers.utils.logging.disable_progress_bar()
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.draft_model)
-    drafter = drafter_factory(config.draft_model, sampling_of(config), config.dtype, config.device)()
+    drafter = drafter_factory(
+        config.draft_model, sampling_of(config), config.dtype, config.device, PromptLookup.of(config)
+    )()
     identity = pb.ModelIdentity(
         name=config.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
     )

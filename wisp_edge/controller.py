@@ -3,9 +3,9 @@
 Every draft token after the first one the target rejects is wasted work,
 and a longer round also keeps the device waiting longer for its verdict.
 The controller reads the draft's signals for each token it drafts (top-1
-probability, entropy, top-1/top-2 margin, position in the round), and an
-`AcceptancePredictor`, a logistic model, turns them into the chance that
-the target accepts that token. Drafting stops when
+probability, entropy, top-1/top-2 margin, position in the round, whether
+the prompt lookup proposed it), and an `AcceptancePredictor`, a logistic
+model, turns them into the chance that the target accepts that token. Drafting stops when
 
 * the chance that the whole run drafted so far is accepted falls under
   ``min_run_probability`` (the first draft always goes: its verdict keeps
@@ -35,11 +35,13 @@ import numpy as np
 from wisp_edge.drafter import DraftSignals
 
 PREDICTOR_FILE = "controller.json"
+FEATURES = "bias top1 entropy margin position/8 lookup"
 
 
 def predictor_features(signals: DraftSignals, position: int) -> np.ndarray:
-    """The model's inputs: a bias, the draft's confidence, and how deep into the round the token is."""
-    return np.array([1.0, signals.top1, signals.entropy, signals.margin, position / 8.0])
+    """The model's inputs: a bias, the draft's confidence, how deep into the round the token is, and whether the
+    prompt lookup proposed it."""
+    return np.array([1.0, signals.top1, signals.entropy, signals.margin, position / 8.0, float(signals.lookup)])
 
 
 def verdict_labels(signals: Sequence[DraftSignals], num_sent: int, num_accepted: int):
@@ -59,7 +61,7 @@ class AcceptancePredictor:
     """P(target accepts a draft token | the draft's signals): logistic regression."""
 
     # Before any data: the draft's own top-1 probability, roughly calibrated.
-    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 4.0, 0.0, 0.0, 0.0]))
+    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
     learning_rate: float = 0.05  # online step size
 
     def probability(self, signals: DraftSignals, position: int) -> float:
@@ -91,12 +93,14 @@ class AcceptancePredictor:
         return -float(np.mean(np.log(np.array(probabilities) + 1e-9)))
 
     def save(self, path: str | Path) -> None:
-        record = {"features": "bias top1 entropy margin position/8", "weights": self.weights.tolist()}
+        record = {"features": FEATURES, "weights": self.weights.tolist()}
         Path(path).write_text(json.dumps(record) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> AcceptancePredictor:
-        return cls(np.array(json.loads(Path(path).read_text())["weights"], dtype=float))
+        """A predictor fitted before the lookup feature existed reads it with weight 0, as it was fitted."""
+        weights = json.loads(Path(path).read_text())["weights"]
+        return cls(np.array(weights + [0.0] * (len(FEATURES.split()) - len(weights)), dtype=float))
 
     @classmethod
     def beside(cls, model_path: str) -> AcceptancePredictor:

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from wisp_common.request import SamplingParams
 from wisp_common.verification import target_distribution
+from wisp_edge.lookup import PromptLookup
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class DraftSignals:
     top1: float  # probability of its most likely token
     entropy: float  # nats
     margin: float  # top-1 minus top-2 probability
+    lookup: bool = False  # the token came from the prompt lookup, not from the draft's own pick
 
 
 def signals_of(logits: torch.Tensor) -> DraftSignals:
@@ -47,8 +49,14 @@ def signals_of(logits: torch.Tensor) -> DraftSignals:
 class Drafter(ABC):
     wants_features = False  # whether sessions must ask the server for target features
 
-    def __init__(self, sampling: SamplingParams = SamplingParams(), device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        sampling: SamplingParams = SamplingParams(),
+        device: str | torch.device = "cpu",
+        lookup: PromptLookup | None = None,
+    ):
         self.sampling = sampling
+        self.lookup = lookup
         self.generator = torch.Generator(device=device)
         if sampling.seed:
             self.generator.manual_seed(sampling.seed)
@@ -67,10 +75,16 @@ class Drafter(ABC):
         if out is None:
             return None
         logits, vocab_ids = out
-        index = self._pick(logits)
-        token = index if vocab_ids is None else int(vocab_ids[index])
+        signals = signals_of(logits)
+        token = None
+        if self.lookup is not None and signals.top1 < self.lookup.below:
+            token = self.lookup.propose(self.tokens + self.pending)
+            signals = replace(signals, lookup=token is not None)
+        if token is None:
+            index = self._pick(logits)
+            token = index if vocab_ids is None else int(vocab_ids[index])
         self.pending.append(token)
-        self.signals.append(signals_of(logits))
+        self.signals.append(signals)
         return token
 
     def draft(self, n: int) -> list[int]:
@@ -114,9 +128,11 @@ class Drafter(ABC):
 class ModelDrafter(Drafter):
     """A standalone causal LM; its KV cache keeps the longest prefix still valid."""
 
-    def __init__(self, model: PreTrainedModel, sampling: SamplingParams = SamplingParams()):
+    def __init__(
+        self, model: PreTrainedModel, sampling: SamplingParams = SamplingParams(), lookup: PromptLookup | None = None
+    ):
         device = next(model.parameters()).device
-        super().__init__(sampling, device)
+        super().__init__(sampling, device, lookup)
         self.model = model
         self.device = device
         self._reset()
@@ -155,7 +171,11 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 
 
 def drafter_factory(
-    name: str, sampling: SamplingParams = SamplingParams(), dtype: str = "float32", device: str = "cpu"
+    name: str,
+    sampling: SamplingParams = SamplingParams(),
+    dtype: str = "float32",
+    device: str = "cpu",
+    lookup: PromptLookup | None = None,
 ) -> Callable[[], Drafter]:
     """Loads a draft model once; each call makes a drafter over it (one per session, sharing the weights).
 
@@ -167,6 +187,6 @@ def drafter_factory(
     path = resolve_model(name)
     if is_eagle_model(path):
         eagle = load_eagle_model(path, dtype, device)
-        return lambda: EagleDrafter(eagle, sampling)
+        return lambda: EagleDrafter(eagle, sampling, lookup)
     model = load_causal_lm(path, dtype, device)
-    return lambda: ModelDrafter(model, sampling)
+    return lambda: ModelDrafter(model, sampling, lookup)

@@ -28,6 +28,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 from wisp_common.request import SamplingParams
 from wisp_edge.drafter import Drafter, crop_cache
+from wisp_edge.lookup import PromptLookup
 
 MODEL_TYPE = "wisp-eagle"
 CONFIG_FILE = "config.json"
@@ -172,9 +173,11 @@ class EagleDrafter(Drafter):
 
     wants_features = True
 
-    def __init__(self, model: EagleDraftModel, sampling: SamplingParams = SamplingParams()):
+    def __init__(
+        self, model: EagleDraftModel, sampling: SamplingParams = SamplingParams(), lookup: PromptLookup | None = None
+    ):
         self.device = model.head.device
-        super().__init__(sampling, self.device)
+        super().__init__(sampling, self.device, lookup)
         self.model = model
         self._reset()
 
