@@ -143,13 +143,17 @@ def plot(result: dict, path: Path) -> None:
         left.bar([i + shift for i in range(len(labels))], values, width, color=color, label=legend)
     left.set_xticks(range(len(labels)), labels)
     left.axhline(1.8, color="tab:red", linestyle="--", label="bar: 1.8")
-    left.set(title="tokens committed per verification round", xlabel="speculation length", ylabel="tokens / round")
-    left.legend()
+    left.set(
+        title=f"tokens per verification round (agreement {result['agreement']:.3f})",
+        xlabel="speculation length",
+        ylabel="tokens / round",
+    )
+    left.legend(loc="lower right")
     names = ["target", "draft", "draft_alone"]
     speeds = [1 / result["seconds_per_token"][n] for n in names]
     right.bar(["target", "draft + lookup", "draft alone"], speeds, color=["tab:gray", "tab:green", "tab:olive"])
     right.set(
-        title=f"batch-1 speed (draft/target cost {result['cost_ratio']:.3f}); agreement {result['agreement']:.3f}",
+        title=f"batch-1 speed: draft/target cost {result['cost_ratio']:.3f}",
         ylabel="tokens / s",
     )
     fig.tight_layout()
