@@ -76,11 +76,10 @@ class Drafter(ABC):
             return None
         logits, vocab_ids = out
         signals = signals_of(logits)
-        token = None
-        if self.lookup is not None and signals.top1 < self.lookup.below:
-            token = self.lookup.propose(self.tokens + self.pending)
-            signals = replace(signals, lookup=token is not None)
-        if token is None:
+        token = None if self.lookup is None else self.lookup.override(signals.top1, self.tokens + self.pending)
+        if token is not None:
+            signals = replace(signals, lookup=True)
+        else:
             index = self._pick(logits)
             token = index if vocab_ids is None else int(vocab_ids[index])
         self.pending.append(token)

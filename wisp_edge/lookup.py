@@ -28,6 +28,10 @@ class PromptLookup:
         """The edge configuration's lookup; None where it is off."""
         return cls(config.lookup_ngram, config.lookup_below) if config.lookup_ngram else None
 
+    def override(self, top1: float, tokens: Sequence[int]) -> int | None:
+        """The token to propose instead of a draft whose top-1 probability is ``top1``, if any."""
+        return self.propose(tokens) if top1 < self.below else None
+
     def propose(self, tokens: Sequence[int]) -> int | None:
         """The token after the latest earlier occurrence of the longest matching suffix, if any."""
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
