@@ -65,7 +65,7 @@ class EdgeConfig:
     )
     min_run_probability: float = _opt(0.25, "adaptive: stop drafting when P(every draft so far accepted) falls below")
     lookup_ngram: int = _opt(
-        4, "prompt lookup: the longest suffix of the context matched against its earlier text (0: off)"
+        4, "prompt lookup: the longest suffix of the context matched against its earlier text, from 2 up (0: off)"
     )
     lookup_below: float = _opt(0.5, "prompt lookup: replaces only drafts whose top-1 probability is below this")
     pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
