@@ -5,7 +5,8 @@ and a longer round also keeps the device waiting longer for its verdict.
 The controller reads the draft's signals for each token it drafts (top-1
 probability, entropy, top-1/top-2 margin, position in the round, whether
 the prompt lookup proposed it), and an `AcceptancePredictor`, a logistic
-model, turns them into the chance that the target accepts that token. Drafting stops when
+model, turns them into the chance that the target accepts that token.
+Drafting stops when
 
 * the chance that the whole run drafted so far is accepted falls under
   ``min_run_probability`` (the first draft always goes: its verdict keeps
