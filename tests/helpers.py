@@ -83,9 +83,10 @@ def assert_greedy_equal(model: PreTrainedModel, prompt: list[int], got: list[int
 def running_server(target: str, **options) -> Iterator:
     """An in-process WispServer on a free loopback port, small limits unless ``options`` say otherwise."""
     from wisp_common.config import ServerConfig
-    from wisp_server.server import WispServer, build_engine
+    from wisp_server.engines.factory import build_engine
+    from wisp_server.server import WispServer
 
-    defaults = dict(port=0, metrics_port=-1, max_sessions=4, max_draft_tokens=6, max_context_tokens=256)
+    defaults = dict(port=0, metrics_port=-1, max_sessions=4, max_draft_tokens=6, max_context_tokens=256, device="cpu")
     config = ServerConfig(target_model=target, **{**defaults, **options})
     server = WispServer(config, build_engine(config))
     server.start()

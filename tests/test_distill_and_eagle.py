@@ -18,12 +18,13 @@ import torch
 from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
 
 from wisp_common.config import DistillConfig
+from wisp_common.eagle import load_eagle_model
 from wisp_common.models import load_tokenizer, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_distill import cli, data, export, train
 from wisp_edge.client import EdgeClient
 from wisp_edge.drafter import signals_of
-from wisp_edge.eagle import EagleDrafter, load_eagle_model
-from wisp_server import distill
+from wisp_edge.eagle import EagleDrafter
 
 VOCAB = 49152  # the SmolLM2 tokenizer's: the tool answers chat prompts
 
@@ -51,33 +52,33 @@ def distilled(tiny_target, tmp_path_factory):
     args += ["--head-vocab", "16384"]
     args += ["--batch-tokens", "256", "--learning-rate", "5e-3", "--log-every", "1000", "--eval-fraction", "0.15"]
     args += ["--train-dtype", "bfloat16"]  # the autocast path, on any CPU (emulated where it has no bf16)
-    assert distill.main([*args, "--stage", "generate"]) == 0
+    assert cli.main([*args, "--stage", "generate"]) == 0
     config = DistillConfig(target_model=tiny_target[1], output=str(root / "draft"), eval_fraction=0.15)
     train_set, _ = split(config)
-    untrained = agreement(distill.new_model(config, distill.head_vocabulary(train_set, 16384, VOCAB)), train_set)
-    assert distill.main([*args, "--stage", "train", "--epochs", "6"]) == 0
-    first_run = torch.load(distill.work_dir(config) / "checkpoint.pt")["step"]
-    assert distill.main([*args, "--stage", "train", "--epochs", "12"]) == 0
-    assert torch.load(distill.work_dir(config) / "checkpoint.pt")["step"] == 2 * first_run  # resumed, not restarted
-    assert distill.main([*args, "--stage", "export", "--epochs", "12"]) == 0
+    untrained = agreement(train.new_model(config, train.head_vocabulary(train_set, 16384, VOCAB)), train_set)
+    assert cli.main([*args, "--stage", "train", "--epochs", "6"]) == 0
+    first_run = torch.load(data.work_dir(config) / "checkpoint.pt")["step"]
+    assert cli.main([*args, "--stage", "train", "--epochs", "12"]) == 0
+    assert torch.load(data.work_dir(config) / "checkpoint.pt")["step"] == 2 * first_run  # resumed, not restarted
+    assert cli.main([*args, "--stage", "export", "--epochs", "12"]) == 0
     return config, untrained
 
 
-def split(config: DistillConfig) -> tuple[list[distill.Sample], list[distill.Sample]]:
+def split(config: DistillConfig) -> tuple[list[data.Sample], list[data.Sample]]:
     """The training and held-out answers, as `wisp-distill train` splits them."""
-    samples = distill.load_samples(config)
+    samples = data.load_samples(config)
     held = set(random.Random(config.seed).sample(range(len(samples)), int(len(samples) * config.eval_fraction)))
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
-def agreement(model, samples: list[distill.Sample]) -> float:
-    return distill.evaluate(model, distill.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)[0]
+def agreement(model, samples: list[data.Sample]) -> float:
+    return train.evaluate(model, train.make_batches(samples, 2048, random.Random(0)), "cpu", 1.0)[0]
 
 
 def test_distillation_raises_agreement_and_its_checkpoint_reloads(distilled):
     """A random tiny target cannot be generalised from a few thousand tokens, but it can be learned."""
     config, untrained = distilled
-    checkpoint = torch.load(distill.work_dir(config) / "checkpoint.pt")
+    checkpoint = torch.load(data.work_dir(config) / "checkpoint.pt")
     exported = load_eagle_model(config.output)
     train_set, held_out = split(config)
     assert agreement(exported, held_out) == pytest.approx(checkpoint["agreement"])  # exported = trained
@@ -90,7 +91,7 @@ def test_training_time_test_sees_what_the_drafter_sees(distilled):
     from two of its own), and differ from teacher forcing's."""
     config, _ = distilled
     model = load_eagle_model(config.output)
-    sample = distill.load_samples(config)[0]
+    sample = data.load_samples(config)[0]
     x, f = sample.tokens.long().tolist(), sample.features.float()
     t = 8  # the verdict brought f_0 .. f_{t-1}; x_t is the newest committed token
     drafter = EagleDrafter(model)
@@ -99,7 +100,7 @@ def test_training_time_test_sees_what_the_drafter_sees(distilled):
     drafts = drafter.draft(3)
     tokens = torch.tensor([x[1 : t + 1] + drafts[:2]])  # the pairs' tokens: (f_i, x_{i+1}), then the drafts
     with torch.inference_mode():
-        steps = [logits[0] for _, logits in distill.unrolled(model, f[None, : t + 2], tokens, 3)]
+        steps = [logits[0] for _, logits in train.unrolled(model, f[None, : t + 2], tokens, 3)]
     drafted = [astuple(signals) for signals in drafter.signals]
     for k in range(3):
         assert astuple(signals_of(steps[k][t + k - 1])) == pytest.approx(drafted[k], rel=1e-4, abs=1e-5), k
@@ -114,7 +115,7 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
     start = load_eagle_model(config.output)
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
-    for shard in (distill.work_dir(config) / "data").iterdir():
+    for shard in (data.work_dir(config) / "data").iterdir():
         (work / "data" / shard.name).symlink_to(shard)
     again = DistillConfig(
         **{
@@ -126,19 +127,19 @@ def test_training_can_start_from_an_existing_draft(distilled, tmp_path):
             "train_dtype": "float32",
         }
     )
-    distill.train(again)
+    train.train(again)
     trained = torch.load(work / "checkpoint.pt")
     assert torch.equal(trained["head_ids"], start.head_ids)
     for name, value in start.state_dict().items():
         if name != "embed.weight":
             assert torch.equal(trained["model"][name], value), name
-    assert trained["agreement"] == pytest.approx(torch.load(distill.work_dir(config) / "checkpoint.pt")["agreement"])
+    assert trained["agreement"] == pytest.approx(torch.load(data.work_dir(config) / "checkpoint.pt")["agreement"])
 
     wider_config = {"work_dir": str(tmp_path / "wider"), "head_vocab": 16400, "unroll": 2}  # and a TTT step
     widened = DistillConfig(**{**vars(again), **wider_config})
     (tmp_path / "wider").mkdir()
     (tmp_path / "wider" / "data").symlink_to(work / "data")
-    distill.train(widened)
+    train.train(widened)
     wider = torch.load(tmp_path / "wider" / "checkpoint.pt")
     assert len(wider["head_ids"]) == 16400 and torch.isin(start.head_ids, wider["head_ids"]).all()
     assert torch.equal(wider["model"]["fc.weight"], start.state_dict()["fc.weight"])
@@ -150,15 +151,15 @@ def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path
     config, _ = distilled
     start = load_eagle_model(config.output)
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / "data").symlink_to(distill.work_dir(config) / "data")
+    (tmp_path / "work" / "data").symlink_to(data.work_dir(config) / "data")
     grow = {"work_dir": str(tmp_path / "work"), "output": str(tmp_path / "grown"), "init_from": config.output}
     grow |= {"draft_layers": 2, "epochs": 0.01, "train_dtype": "float32"}
     grown_config = DistillConfig(**{**vars(config), **grow})
-    distill.train(DistillConfig(**{**vars(grown_config), "learning_rate": 0.0}))
-    distill.export(grown_config)
+    train.train(DistillConfig(**{**vars(grown_config), "learning_rate": 0.0}))
+    export.export(grown_config)
     grown = load_eagle_model(grown_config.output)
     assert grown.layers == 2 and start.layers == 1
-    sample = distill.load_samples(config)[0]
+    sample = data.load_samples(config)[0]
     m = len(sample.features) - 1  # pairs (f_i, x_{i+1}), as training feeds them
     inputs = (sample.features[None, :m].float(), sample.tokens[None, 1 : m + 1].long())
     with torch.inference_mode():
@@ -167,9 +168,9 @@ def test_a_draft_grows_decoder_layers_that_start_as_identity(distilled, tmp_path
     (tmp_path / "work" / "checkpoint.pt").unlink()
     # One step from the grown draft: without --draft-layers it keeps its two; a narrower head.
     onward = {"init_from": grown_config.output, "draft_layers": 0, "head_vocab": 8300}
-    distill.train(DistillConfig(**{**vars(grown_config), **onward}))
+    train.train(DistillConfig(**{**vars(grown_config), **onward}))
     learned = torch.load(tmp_path / "work" / "checkpoint.pt")
-    assert distill.layers_in(learned["model"]) == 2
+    assert train.layers_in(learned["model"]) == 2
     assert learned["model"]["decoder.layers.1.mlp.down_proj.weight"].abs().sum() > 0
     assert len(start.head_ids) == 16384 and len(learned["head_ids"]) == 8300
 
@@ -180,23 +181,23 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     args = ["--target-model", "smollm2-135m-instruct", "--engine", "hf", "--dtype", "float32", "--stage", "generate"]
     args += ["--work-dir", str(tmp_path), "--prompt-source", "self", "--num-prompts", "6", "--concurrency", "6"]
     args += ["--max-answer-tokens", "4", "--log-every", "1000"]
-    assert distill.main(args) == 0
+    assert cli.main(args) == 0
     kept = (tmp_path / "prompts-self.jsonl").read_text()
     prompts = [json.loads(line)["prompt"] for line in kept.splitlines()]
     assert len(set(prompts)) == 6 and all(len(p.split()) >= 3 for p in prompts), prompts
-    assert all(p.startswith(distill.TASK_OPENINGS) for p in prompts), prompts
-    samples = distill.load_samples(DistillConfig(work_dir=str(tmp_path)))
+    assert all(p.startswith(data.TASK_OPENINGS) for p in prompts), prompts
+    samples = data.load_samples(DistillConfig(work_dir=str(tmp_path)))
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    assert [s.tokens[: s.prompt_len].tolist() for s in samples] == [distill.chat_ids(tokenizer, p) for p in prompts]
-    assert distill.main(args) == 0  # resumed: everything is there, nothing is sampled again
+    assert [s.tokens[: s.prompt_len].tolist() for s in samples] == [data.chat_ids(tokenizer, p) for p in prompts]
+    assert cli.main(args) == 0  # resumed: everything is there, nothing is sampled again
     assert (tmp_path / "prompts-self.jsonl").read_text() == kept
     again = tmp_path / "again"  # seeded: a fresh run writes the same prompts
-    assert distill.main([*args, "--work-dir", str(again)]) == 0
+    assert cli.main([*args, "--work-dir", str(again)]) == 0
     assert (again / "prompts-self.jsonl").read_text() == kept
-    assert distill.main([*args, "--work-dir", str(again), "--num-prompts", "9"]) == 0  # asking for more: new ones
+    assert cli.main([*args, "--work-dir", str(again), "--num-prompts", "9"]) == 0  # asking for more: new ones
     more = [json.loads(line)["prompt"] for line in (again / "prompts-self.jsonl").read_text().splitlines()]
     assert more[:6] == prompts and len(set(more)) == 9, more
-    assert len(distill.load_samples(DistillConfig(work_dir=str(again)))) == 9  # the part-full shard was refilled
+    assert len(data.load_samples(DistillConfig(work_dir=str(again)))) == 9  # the part-full shard was refilled
 
 
 def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):

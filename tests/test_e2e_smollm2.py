@@ -17,7 +17,7 @@ import pytest
 from helpers import assert_greedy_equal, reference_greedy
 
 from wisp_common.models import load_causal_lm
-from wisp_edge.cli import encode_prompt
+from wisp_common.prompts import encode_prompt
 from wisp_server.launcher import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -8,27 +8,33 @@ tokens must follow the target's distribution.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from helpers import perturbed, reference_greedy, save_with_tokenizer, tiny_llama
+from helpers import assert_greedy_equal, perturbed, reference_greedy, save_with_tokenizer, tiny_llama
 from scipy.stats import chisquare
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
 from wisp_edge.drafter import ModelDrafter
-from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, VerificationEngine
-from wisp_server.hf_engine import HFVerificationEngine
+from wisp_server.engines.base import EngineFull, EngineInfo, RoundRequest, VerificationEngine
+from wisp_server.engines.hf_engine import HFVerificationEngine
 
 VOCAB = 512
 NEW_TOKENS = 64
 BACKENDS = ["hf", "vllm"]
+# The GPU host this project is sometimes lent has no vLLM: on CUDA the hf engine runs (`pytest -m gpu`).
+WITH_CUDA = [*BACKENDS, pytest.param("hf-cuda", marks=pytest.mark.gpu)]
 
 
 def make_engine(kind: str, model, path: str, max_sessions: int = 64, kv_cache_gib: float = 0.25) -> VerificationEngine:
     info = EngineInfo("tiny", model.config.vocab_size, None, "fp")
     if kind == "hf":
         return HFVerificationEngine(model, info)
-    from wisp_server.vllm_engine import VllmVerificationEngine
+    if kind == "hf-cuda":  # a copy: the reference stays on the CPU
+        return HFVerificationEngine(copy.deepcopy(model).to("cuda"), info)
+    from wisp_server.engines.vllm_engine import VllmVerificationEngine
 
     config = ServerConfig(
         engine="vllm",
@@ -37,7 +43,7 @@ def make_engine(kind: str, model, path: str, max_sessions: int = 64, kv_cache_gi
         max_batch_tokens=4096,
         kv_cache_gib=kv_cache_gib,
     )
-    return VllmVerificationEngine(config, info, path)
+    return VllmVerificationEngine(config, info, path, dtype="float32", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def target(tmp_path_factory, smollm2_tokenizer):
     return model, save_with_tokenizer(model, smollm2_tokenizer, tmp_path_factory.mktemp("target"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_CUDA)
 @pytest.mark.parametrize("draft_kind", ["identical", "close", "unrelated"])
 def test_batched_speculative_greedy_equals_target_greedy(target, backend, draft_kind):
     model, path = target
@@ -85,7 +91,11 @@ def test_batched_speculative_greedy_equals_target_greedy(target, backend, draft_
                 engine.remove_session(str(i))
         step += 1
     for prompt, output in zip(prompts, outputs):
-        assert output[:NEW_TOKENS] == reference_greedy(model, prompt, NEW_TOKENS)
+        expected = reference_greedy(model, prompt, NEW_TOKENS)
+        if backend == "hf-cuda":  # other kernels: a divergence is allowed only where the top two nearly tie
+            assert_greedy_equal(model, prompt, output[:NEW_TOKENS], expected)
+        else:
+            assert output[:NEW_TOKENS] == expected
     rate = accepted / drafted
     expected = {"identical": (1.0, 1.0), "close": (0.1, 0.9), "unrelated": (0.0, 0.1)}[draft_kind]
     assert expected[0] <= rate <= expected[1], rate  # the case really exercises what its name says
@@ -119,7 +129,7 @@ def test_vllm_admits_sessions_against_kv_capacity_and_frees_blocks_on_end(target
     assert engine.verify([RoundRequest("fits-now", ())])[0].num_accepted == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", WITH_CUDA)
 @torch.inference_mode()
 def test_sampled_tokens_follow_the_target_distribution(tmp_path, smollm2_tokenizer, backend):
     """Marginals of the first two committed tokens match the target's, drafts partly right.

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wisp_server.engine import RoundRequest
+from wisp_server.engines.base import RoundRequest
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features
 from wisp_server.scheduler import BatchLimits, FCFSPolicy, PendingRound, SchedulingPolicy, SLEDPolicy, WispPolicy
 

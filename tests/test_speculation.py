@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_client
-from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_llama
+from helpers import assert_greedy_equal, reference_greedy, running_server, save_with_tokenizer, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wisp_common.models import load_causal_lm
 from wisp_common.request import Slo
-from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController, verdict_labels
+from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength, RoundTiming, verdict_labels
 from wisp_edge.drafter import DraftSignals, ModelDrafter
 from wisp_edge.lookup import PromptLookup
 
@@ -36,7 +36,7 @@ confidences = st.lists(st.floats(0.01, 0.99), min_size=1, max_size=12)
 @settings(max_examples=200, deadline=None)
 @given(confidences, st.integers(1, 8))
 def test_the_controller_sends_exactly_the_drafts_whose_run_stays_likely(tops, max_drafts):
-    controller = SpeculationController(AcceptancePredictor(), max_drafts, min_run_probability=0.25)
+    controller = AdaptiveSpeculation(max_drafts, AcceptancePredictor(), min_run_probability=0.25)
     drafted = [signals(t) for t in tops]
     length = controller.round_length(drafted, RoundTiming(), can_draft_more=False)
     assert 0 <= length <= min(len(tops), max_drafts)
@@ -48,31 +48,31 @@ def test_the_controller_sends_exactly_the_drafts_whose_run_stays_likely(tops, ma
 
 
 def test_the_controller_stops_early_on_low_confidence_and_runs_long_on_high():
-    controller = SpeculationController(AcceptancePredictor(), 8)
+    controller = AdaptiveSpeculation(8, AcceptancePredictor())
     assert controller.round_length([signals(0.98)] * 12, RoundTiming(), can_draft_more=False) >= 6
     assert controller.round_length([signals(0.05)] * 12, RoundTiming(), can_draft_more=False) == 1
 
 
 def test_the_controller_asks_for_more_drafts_only_while_they_look_good():
-    controller = SpeculationController(AcceptancePredictor(), 6)
+    controller = AdaptiveSpeculation(6, AcceptancePredictor())
     assert controller.round_length([signals(0.97)] * 2, RoundTiming(), can_draft_more=True) is None
     assert controller.round_length([signals(0.97), signals(0.05)], RoundTiming(), can_draft_more=True) == 1
     assert controller.round_length([signals(0.05), signals(0.05)], RoundTiming(), can_draft_more=True) == 1
-    fixed = SpeculationController(None, 3)  # SLED: always the fixed length, whatever the confidence
+    fixed = FixedLength(3)  # SLED: always the fixed length, whatever the confidence
     assert fixed.round_length([signals(0.05)] * 2, RoundTiming(), can_draft_more=True) is None
     assert fixed.round_length([signals(0.05)] * 5, RoundTiming(), can_draft_more=True) == 3
 
 
 def test_pipelined_drafting_goes_on_only_while_the_run_out_for_verification_stays_likely():
-    controller = SpeculationController(AcceptancePredictor(), 4, min_run_probability=0.25)
+    controller = AdaptiveSpeculation(4, AcceptancePredictor(), min_run_probability=0.25)
     assert controller.keeps_pipelining([signals(0.97)] * 3)  # likely all accepted: the next round's work may stand
     assert not controller.keeps_pipelining([signals(0.97), signals(0.05)])  # the verdict will almost surely reject
     assert not controller.keeps_pipelining([signals(0.6)] * 4)  # each likely, the run of four not (0.6**4 < 0.25)
-    assert SpeculationController(None, 4).keeps_pipelining([signals(0.05)] * 4)  # SLED pipelines regardless
+    assert FixedLength(4).keeps_pipelining([signals(0.05)] * 4)  # SLED pipelines regardless
 
 
 def test_the_time_cap_stops_drafting_that_would_break_the_tpot_target():
-    controller = SpeculationController(AcceptancePredictor(), 8, min_run_probability=0.0)
+    controller = AdaptiveSpeculation(8, AcceptancePredictor(), min_run_probability=0.0)
     confident = [signals(0.99)] * 3
     relaxed = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.005)
     slow_drafter = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.15)
@@ -115,7 +115,7 @@ def test_the_fitted_predictor_beats_the_prior_and_adapts_online(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps({"weights": [-1.0, 3.0, -0.3, 1.0, -1.5]}))
     assert AcceptancePredictor.load(tmp_path / "old.json").weights.tolist() == [-1.0, 3.0, -0.3, 1.0, -1.5, 0.0]
 
-    online = SpeculationController(AcceptancePredictor(), 4)
+    online = AdaptiveSpeculation(4, AcceptancePredictor())
     before = online.predictor.log_loss(held_out)
     for s, position, accepted in rows[:3000]:
         online.predictor.update(s, position, accepted)
@@ -147,7 +147,7 @@ def generate_at_once(address: str, drafts: list[str], tokenizer, adaptive: bool,
 
     def run(i: int) -> None:
         client = make_client(address, drafts[i], tokenizer)
-        client.predictor = AcceptancePredictor() if adaptive else None
+        client.speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor()) if adaptive else FixedLength
         client.pipeline = pipeline
         if i == len(PROMPTS) - 1:  # the unrelated draft's session takes every token the prompt lookup proposes
             client.drafter.lookup = PromptLookup(max_ngram=4, below=1.01)
@@ -184,6 +184,20 @@ def test_every_policy_and_controller_setting_is_lossless(
                 assert stats[0].accepted > 0 and stats[2].accepted < stats[2].sent
             if pipeline:
                 assert stats[0].pipelined_kept > 0  # the bonus token was guessed
+
+
+@pytest.mark.gpu
+def test_a_server_on_cuda_is_lossless_for_edges_over_loopback(
+    tiny_pair, smollm2_tokenizer, target_model, unrelated_draft
+):
+    """The GPU path: the hf engine on CUDA behind a real gRPC server, edges on the CPU, adaptive and fixed."""
+    with running_server(tiny_pair[0], engine="hf", device="cuda", max_sessions=8) as server:
+        for adaptive, pipeline, slo in CONTROLLER_SETTINGS[1:3]:
+            drafts = [tiny_pair[0], tiny_pair[1], unrelated_draft]
+            results = generate_at_once(f"127.0.0.1:{server.port}", drafts, smollm2_tokenizer, adaptive, pipeline, slo)
+            for prompt, result in zip(PROMPTS, results):
+                assert_greedy_equal(target_model, prompt, result.token_ids, reference_greedy(target_model, prompt, 40))
+            assert results[0].stats.accepted > 0
 
 
 @pytest.mark.parametrize(("keep", "left"), [(0, 0), (3, 3), (5, 5), (9, 5)])

@@ -143,6 +143,15 @@ def cpu_has_bf16(cpuinfo: str) -> bool:
     return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo) is not None
 
 
+def resolve_device(name: str) -> str:
+    """``auto``: the first CUDA device where one is present, else the CPU. Anything else is kept as given."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_dtype(name: str, device: str = "cpu") -> str:
     """``auto``: bfloat16 where ``device`` computes in it, else float32."""
     if name != "auto":
@@ -164,9 +173,20 @@ def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu") -> Pr
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedConfig
 
-    return AutoTokenizer.from_pretrained(resolve_model(name))
+    path = resolve_model(name)
+    # A directory whose config.json names a model type transformers does not know (a wisp-distill draft's
+    # describes the draft) holds a tokenizer all the same: its tokenizer files say everything it needs.
+    config = None if _transformers_knows(path) else PreTrainedConfig()
+    return AutoTokenizer.from_pretrained(path, config=config)
+
+
+def _transformers_knows(path: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    config = Path(path) / "config.json"
+    return not config.is_file() or json.loads(config.read_text()).get("model_type") in CONFIG_MAPPING
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

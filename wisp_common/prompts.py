@@ -1,4 +1,4 @@
-"""Prompt files: plain JSONL, MT-Bench question files and ShareGPT-style dumps."""
+"""Prompts: read from files (plain JSONL, MT-Bench question files, ShareGPT-style dumps) and encoded as token ids."""
 
 from __future__ import annotations
 
@@ -28,3 +28,12 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     if not prompts:
         raise ValueError(f"{path}: no prompts found (expected 'prompt', 'turns' or 'conversations' fields)")
     return prompts[:limit]
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """The prompt's token ids, wrapped in the model's chat template when ``chat`` and it has one."""
+    if chat and tokenizer.chat_template:
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)

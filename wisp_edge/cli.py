@@ -24,7 +24,7 @@ from collections.abc import Callable
 import grpc
 
 from wisp_common.config import EdgeConfig, add_config_arguments, config_from_args
-from wisp_common.prompts import load_prompts
+from wisp_common.prompts import encode_prompt, load_prompts
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, Slo
 
@@ -54,8 +54,8 @@ def build_client(config: EdgeConfig):
 
     from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_edge.client import EdgeClient
-    from wisp_edge.controller import AcceptancePredictor
-    from wisp_edge.drafter import drafter_factory
+    from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+    from wisp_edge.draft_loader import drafter_factory
     from wisp_edge.lookup import PromptLookup
 
     transformers.utils.logging.disable_progress_bar()
@@ -70,29 +70,17 @@ def build_client(config: EdgeConfig):
     )
     device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=config.device_kind)
     channel = grpc.insecure_channel(config.server)
-    predictor = AcceptancePredictor.beside(resolve_model(config.draft_model))
-    client = EdgeClient(
-        channel,
-        drafter,
-        identity,
-        device,
-        predictor=predictor if config.speculation == "adaptive" else None,
-        pipeline=config.pipeline,
-        min_run_probability=config.min_run_probability,
-    )
+    if config.speculation == "adaptive":
+        predictor = AcceptancePredictor.beside(resolve_model(config.draft_model))
+        speculation = AdaptiveSpeculation.mode_with(predictor, config.min_run_probability)
+    else:
+        speculation = FixedLength
+    client = EdgeClient(channel, drafter, identity, device, speculation, pipeline=config.pipeline)
     return client, tokenizer
 
 
 def sampling_of(config: EdgeConfig) -> SamplingParams:
     return SamplingParams(config.temperature, config.top_p, config.top_k, config.seed)
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
-    if chat and tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt)
 
 
 def generate_one(client, tokenizer, config: EdgeConfig, prompt: str, on_tokens=None):
@@ -150,14 +138,14 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
 
     from wisp_common.models import resolve_model
     from wisp_common.training_prompts import training_prompts
-    from wisp_edge.controller import PREDICTOR_FILE, AcceptancePredictor, verdict_labels
+    from wisp_edge.controller import PREDICTOR_FILE, AcceptancePredictor, FixedLength, verdict_labels
 
     if args.prompts_file:
         prompts = load_prompts(args.prompts_file, args.limit)
     else:  # other draws than the ones wisp-distill trains on (seed 0)
         prompts = training_prompts(args.limit, seed=1)
     client, tokenizer = build_client(config)
-    client.predictor, client.pipeline, client.round_log = None, False, []  # fixed long rounds: labels deep in them
+    client.speculation, client.pipeline, client.round_log = FixedLength, False, []  # long rounds: labels deep in them
     for index, prompt in enumerate(prompts):
         result = generate_one(client, tokenizer, config, prompt)
         summary = {"finish_reason": result.finish_reason, **result.stats.summary()}

@@ -23,7 +23,7 @@ from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo
-from wisp_edge.controller import AcceptancePredictor, RoundTiming, SpeculationController
+from wisp_edge.controller import FixedLength, RoundTiming, SpeculationController, SpeculationMode
 from wisp_edge.drafter import Drafter
 
 
@@ -92,7 +92,7 @@ class GenerationResult:
 
 
 class EdgeClient:
-    """A session client; ``predictor`` None drafts a fixed length (SLED), else the controller decides (WISP)."""
+    """A session client; ``speculation`` is the edge's mode: `FixedLength` (SLED) or `AdaptiveSpeculation` (WISP)."""
 
     def __init__(
         self,
@@ -100,22 +100,17 @@ class EdgeClient:
         drafter: Drafter,
         draft_identity: pb.ModelIdentity,
         device: pb.DeviceInfo | None = None,
-        predictor: AcceptancePredictor | None = None,
+        speculation: SpeculationMode = FixedLength,
         pipeline: bool = False,
-        min_run_probability: float = 0.25,
     ):
         self.stub = pb_grpc.WispStub(channel)
         self.drafter = drafter
         self.draft_identity = draft_identity
         self.device = device or pb.DeviceInfo()
-        self.predictor = predictor
+        self.speculation = speculation
         self.pipeline = pipeline
-        self.min_run_probability = min_run_probability
         # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
         self.round_log: list[tuple[list, int, int]] | None = None
-
-    def server_info(self, timeout: float = 10.0) -> pb.ServerInfo:
-        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout)
 
     def generate(
         self,
@@ -153,9 +148,7 @@ class EdgeClient:
                 )
             )
             opened = _next(inbox)[1].opened
-            controller = SpeculationController(
-                self.predictor, min(draft_tokens, opened.max_draft_tokens), self.min_run_probability
-            )
+            controller = self.speculation(min(draft_tokens, opened.max_draft_tokens))
             timing = RoundTiming(tpot_slo=slo.tpot_seconds)
             self.drafter.start(prompt_ids)
             generated: list[int] = []
@@ -175,6 +168,7 @@ class EdgeClient:
                 round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
                 timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
                 timing.queue, timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
+                timing.suggested_drafts = verdict.hints.suggested_draft_tokens
                 controller.observe(signals, count, verdict.num_accepted)
 
                 next_token = verdict.next_token if verdict.HasField("next_token") else None

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,33 +120,73 @@ class RoundTiming:
     queue: float = 0.0  # the server's hint: waiting for a batch
     verify: float = 0.0  # the server's hint: verification
     draft_token: float = 0.0  # measured drafting time per token
+    suggested_drafts: int | None = None  # the server's hint: the goodput-optimal drafts at its load (None: no hint)
 
 
-class SpeculationController:
-    """Adaptive (WISP) or fixed-length (SLED) decisions of how many tokens a round drafts."""
+class SpeculationController(ABC):
+    """How many tokens a session's round drafts. Two named modes implement it: `AdaptiveSpeculation` (WISP) and
+    `FixedLength` (SLED). A `SpeculationMode` makes one per session, for that session's cap on drafts per round."""
+
+    def __init__(self, max_drafts: int):
+        self.max_drafts = max_drafts
+
+    @abstractmethod
+    def round_length(self, signals: Sequence[DraftSignals], timing: RoundTiming, can_draft_more: bool) -> int | None:
+        """How many of the drafts with ``signals`` to send now; None asks for one more draft first."""
+
+    @abstractmethod
+    def keeps_pipelining(self, signals: Sequence[DraftSignals]) -> bool:
+        """Whether to draft one more token while the round of ``signals`` (and the ones after it) is out."""
+
+    @abstractmethod
+    def observe(self, signals: Sequence[DraftSignals], num_sent: int, num_accepted: int) -> None:
+        """Learns from a verdict: the drafts sent with ``signals``, how many went and how many were accepted."""
+
+
+SpeculationMode = Callable[[int], SpeculationController]  # max drafts per round -> a session's controller
+
+
+class FixedLength(SpeculationController):
+    """SLED: every round drafts ``max_drafts`` tokens, whatever the draft's confidence, and pipelines regardless."""
+
+    def round_length(self, signals: Sequence[DraftSignals], timing: RoundTiming, can_draft_more: bool) -> int | None:
+        return None if len(signals) < self.max_drafts and can_draft_more else min(len(signals), self.max_drafts)
+
+    def keeps_pipelining(self, signals: Sequence[DraftSignals]) -> bool:
+        return True
+
+    def observe(self, signals: Sequence[DraftSignals], num_sent: int, num_accepted: int) -> None:
+        """A fixed length has nothing to learn."""
+
+
+class AdaptiveSpeculation(SpeculationController):
+    """WISP: the acceptance predictor and the session's time budget decide where each round stops."""
 
     def __init__(
         self,
-        predictor: AcceptancePredictor | None,
         max_drafts: int,
+        predictor: AcceptancePredictor,
         min_run_probability: float = 0.25,
         adapt_online: bool = True,
     ):
-        self.predictor = predictor  # None: fixed length, always max_drafts
-        self.max_drafts = max_drafts
+        super().__init__(max_drafts)
+        self.predictor = predictor
         self.min_run_probability = min_run_probability
         self.adapt_online = adapt_online
 
-    @property
-    def adaptive(self) -> bool:
-        return self.predictor is not None
+    @classmethod
+    def mode_with(cls, predictor: AcceptancePredictor, min_run_probability: float = 0.25) -> SpeculationMode:
+        """The adaptive mode for an edge: its sessions share ``predictor``, so what one learns serves the next."""
+        return lambda max_drafts: cls(max_drafts, predictor, min_run_probability)
 
     def round_length(self, signals: Sequence[DraftSignals], timing: RoundTiming, can_draft_more: bool) -> int | None:
-        """How many of the drafts with ``signals`` to send now; None asks for one more draft first."""
-        if not self.adaptive:
-            return None if len(signals) < self.max_drafts and can_draft_more else min(len(signals), self.max_drafts)
+        """Never past the server's goodput-optimal length: at its load, more drafts would lower everyone's
+        throughput (0: the round goes without drafts)."""
+        cap = self.max_drafts if timing.suggested_drafts is None else min(self.max_drafts, timing.suggested_drafts)
+        if cap == 0:
+            return 0
         run, expected = 1.0, 1.0  # chance that every draft so far is accepted; tokens the round commits
-        for position, s in enumerate(signals[: self.max_drafts]):
+        for position, s in enumerate(signals[:cap]):
             p = self.predictor.probability(s, position)
             # The first draft always goes: its verdict is what keeps the predictor learning. Drafts that
             # exist already (pipelined while the last round was out) cost no more time, so only the
@@ -154,21 +195,16 @@ class SpeculationController:
                 return position
             run *= p
             expected += run
-        length = min(len(signals), self.max_drafts)
+        length = min(len(signals), cap)
         # Draft another token only if it could be worth its time even if it is certain to be accepted.
-        if length == self.max_drafts or not can_draft_more or not self._in_budget(length, run, expected, timing):
+        if length == cap or not can_draft_more or not self._in_budget(length, run, expected, timing):
             return length
         return None
 
     def keeps_pipelining(self, signals: Sequence[DraftSignals]) -> bool:
-        """Whether to draft one more token while the round of ``signals`` (and the ones after it) is out.
-
-        A pipelined draft is kept only if every draft before it is accepted, and a draft step still running
+        """A pipelined draft is kept only if every draft before it is accepted, and a draft step still running
         when the verdict arrives delays the next round. So, as in the foreground, pipelining goes on only
-        while the run drafted so far stays likely; a fixed-length (SLED) edge always goes on.
-        """
-        if not self.adaptive:
-            return True
+        while the run drafted so far stays likely."""
         run = math.prod(self.predictor.probability(s, position) for position, s in enumerate(signals))
         return run >= self.min_run_probability
 
@@ -186,8 +222,8 @@ class SpeculationController:
         return after <= max(timing.tpot_slo, before)
 
     def observe(self, signals: Sequence[DraftSignals], num_sent: int, num_accepted: int) -> None:
-        """Learns from a verdict: the accepted tokens, and the first rejected one, are labelled."""
-        if not (self.adaptive and self.adapt_online):
+        """The accepted tokens, and the first rejected one, are labelled; each label is one online step."""
+        if not self.adapt_online:
             return
         for row in verdict_labels(signals, num_sent, num_accepted):
             self.predictor.update(*row)

@@ -18,7 +18,7 @@ Two kinds share this logic:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -167,25 +167,3 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     """Keeps the first ``length`` positions. (`crop` now takes how many to remove; its old form, the length to
     keep, is deprecated and could never crop to zero.)"""
     cache.crop(min(0, length - cache.get_seq_length()))
-
-
-def drafter_factory(
-    name: str,
-    sampling: SamplingParams = SamplingParams(),
-    dtype: str = "float32",
-    device: str = "cpu",
-    lookup: PromptLookup | None = None,
-) -> Callable[[], Drafter]:
-    """Loads a draft model once; each call makes a drafter over it (one per session, sharing the weights).
-
-    Feature-conditioned (EAGLE-style) if the model's directory says so, else a standalone causal LM.
-    """
-    from wisp_common.models import load_causal_lm, resolve_model
-    from wisp_edge.eagle import EagleDrafter, is_eagle_model, load_eagle_model
-
-    path = resolve_model(name)
-    if is_eagle_model(path):
-        eagle = load_eagle_model(path, dtype, device)
-        return lambda: EagleDrafter(eagle, sampling, lookup)
-    model = load_causal_lm(path, dtype, device)
-    return lambda: ModelDrafter(model, sampling, lookup)

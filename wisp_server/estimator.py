@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +74,16 @@ class VerificationTimeEstimator:
         with self._lock:
             return max(0.0, float(features(batch, self.padded) @ self._coef))
 
+    def with_others(self, others: Sequence[SequenceShape]) -> Callable[[SequenceShape], float]:
+        """Estimates of ``others`` plus one more sequence, for many candidates of that one: the others are
+        counted once (a padded engine's batch is re-measured per candidate, since its widest may change)."""
+        if self.padded:
+            return lambda shape: self.estimate([*others, shape])
+        base = features(others)
+        with self._lock:
+            coef = self._coef.copy()
+        return lambda shape: max(0.0, float((base + sequence_features(shape)) @ coef))
+
     def sequence_cost(self, shape: SequenceShape) -> float:
         """Seconds one sequence adds to any batch: the model is linear, so this does not depend on the batch.
 
@@ -116,7 +126,7 @@ def profile(engine, estimator: VerificationTimeEstimator, max_sessions: int, max
     import random
 
     from wisp_common.request import SamplingParams
-    from wisp_server.engine import RoundRequest
+    from wisp_server.engines.base import RoundRequest
 
     rng = random.Random(0)
     vocab = engine.info.vocab_size

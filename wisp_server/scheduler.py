@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from wisp_server.engine import RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import RoundRequest, RoundVerdict, VerificationEngine
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
 from wisp_server.metrics import ServerMetrics
 

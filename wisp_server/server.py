@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import signal
 import sys
@@ -16,51 +15,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
-from wisp_common.models import resolve_dtype
+from wisp_common.models import resolve_device, resolve_dtype
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
-from wisp_server.engine import VerificationEngine
+from wisp_server.engines.base import VerificationEngine
+from wisp_server.engines.factory import build_engine, engine_kind
 from wisp_server.estimator import VerificationTimeEstimator, profile
 from wisp_server.metrics import ServerMetrics
 from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
 from wisp_server.service import WispService
 
 log = logging.getLogger("wisp_server")
-
-
-def engine_kind(config: ServerConfig) -> str:
-    """`auto` means vLLM wherever it can be imported, else the hf backend."""
-    if config.engine != "auto":
-        return config.engine
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
-
-def build_engine(config: ServerConfig) -> VerificationEngine:
-    import torch
-    import transformers
-
-    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from wisp_server.engine import EngineInfo
-
-    transformers.utils.logging.disable_progress_bar()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    path = resolve_model(config.target_model)
-    tokenizer = load_tokenizer(path)
-    info = EngineInfo(
-        model_name=config.target_model,
-        vocab_size=transformers.AutoConfig.from_pretrained(path).vocab_size,
-        eos_token_id=tokenizer.eos_token_id,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-    )
-    if engine_kind(config) == "vllm":
-        from wisp_server.vllm_engine import VllmVerificationEngine
-
-        return VllmVerificationEngine(config, info, path)
-    from wisp_common.models import load_causal_lm
-    from wisp_server.hf_engine import HFVerificationEngine
-
-    return HFVerificationEngine(load_causal_lm(path, config.dtype, config.device), info)
 
 
 def make_policy(config: ServerConfig, estimator: VerificationTimeEstimator) -> SchedulingPolicy:
@@ -130,12 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(ServerConfig, args)
 
     started = time.monotonic()
+    device = resolve_device(config.device)
     log.info(
         "loading target %s (%s engine, %s, %s)",
         config.target_model,
-        engine_kind(config),
-        resolve_dtype(config.dtype, config.device),
-        config.device,
+        engine_kind(config.engine),
+        resolve_dtype(config.dtype, device),
+        device,
     )
     server = WispServer(config, build_engine(config))
     server.start()

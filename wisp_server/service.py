@@ -23,10 +23,11 @@ from wisp_common.features import encode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
-from wisp_server.engine import EngineFull, RoundRequest, VerificationEngine
+from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
 from wisp_server.scheduler import BatchScheduler, PendingRound, SchedulerStopped
 from wisp_server.session import Session
+from wisp_server.speculation_length import goodput_optimal_drafts
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +316,24 @@ class WispService(pb_grpc.WispServicer):
         return verdict
 
     def _hints(self, session: Session) -> pb.Hints:
-        """What the edge's controller needs to size its next round."""
-        drafts = session.suggested_drafts(self.config.max_draft_tokens)
-        estimate = self.scheduler.estimator.estimate
+        """What the edge's controller needs to size its next round: the goodput-optimal number of drafts at this
+        load, and what the round is expected to spend waiting and being verified."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        others = [s for s in sessions if s is not session][: self.config.max_batch_sessions - 1]
+        batch_seconds = self.scheduler.estimator.with_others(
+            [SequenceShape(len(s.context), 1 + s.next_drafts) for s in others]
+        )
+        session.next_drafts = goodput_optimal_drafts(
+            session.acceptance,
+            len(session.context),
+            self.config.max_draft_tokens,
+            sum(s.expected_tokens(s.next_drafts) for s in others),
+            batch_seconds,
+        )
         return pb.Hints(
-            suggested_draft_tokens=drafts,
-            active_sessions=len(self._sessions),
-            est_queue_seconds=estimate(self.scheduler.waiting_shapes()),
-            est_verify_seconds=estimate([SequenceShape(len(session.context), 1 + drafts)]),
+            suggested_draft_tokens=session.next_drafts,
+            active_sessions=len(sessions),
+            est_queue_seconds=self.scheduler.estimator.estimate(self.scheduler.waiting_shapes()),
+            est_verify_seconds=batch_seconds(SequenceShape(len(session.context), 1 + session.next_drafts)),
         )

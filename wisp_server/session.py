@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_common.verification import Verification
+from wisp_server.speculation_length import expected_tokens
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Session:
     first_token_at: float | None = None
     drafted: int = 0
     accepted: int = 0
+    next_drafts: int = 0  # the drafts its last hint suggested: its expected share of the next batch
 
     @property
     def generated(self) -> int:
@@ -53,13 +55,8 @@ class Session:
         return (self.accepted + 1) / (self.drafted + 2)
 
     def expected_tokens(self, drafts: int) -> float:
-        """Tokens a round with ``drafts`` drafts is expected to commit: 1 + a + a^2 + ... + a^drafts."""
-        return sum(self.acceptance**i for i in range(drafts + 1))
-
-    def suggested_drafts(self, max_drafts: int, reach: float = 0.3) -> int:
-        """The longest draft whose last token still has a ``reach`` chance of being reached and accepted."""
-        a = min(self.acceptance, 0.999)
-        return max(1, min(max_drafts, int(math.log(reach) / math.log(a))))
+        """Tokens a round with ``drafts`` drafts is expected to commit."""
+        return expected_tokens(self.acceptance, drafts)
 
     @property
     def deadline(self) -> float:

@@ -21,7 +21,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from wisp_common.request import SamplingParams
 from wisp_common.verification import verify
-from wisp_server.engine import EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [1, heads, tokens, dim]
 

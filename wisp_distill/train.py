@@ -1,86 +1,25 @@
-"""`wisp-distill`: trains a feature-conditioned (EAGLE-style) draft for a target model.
-
-Three stages, each resumable; `--stage all` runs whatever is not done yet:
-
-1. generate: the target answers training prompts greedily through WISP's own
-   `VerificationEngine` (vLLM where installed, so many answers share each
-   step). Each answer is stored with the target's feature at every position,
-   in half floats, in shards under the work directory, named by the prompts'
-   source, so answers to several sources can be trained on together. By
-   default the target writes the prompts too: sampled after its chat
-   template's user header, it asks what its own instruction data taught it
-   users ask (Magpie, Xu et al. 2024), which is far more varied than templates.
-2. train: an `EagleDraftModel` learns to predict the target's next feature
-   from its current feature and the next token (smooth L1), and the target's
-   next-token distribution over the draft's trimmed vocabulary (soft cross
-   entropy), with noise on its input features so it copes with its own
-   predictions (Li et al. 2024). Progress lines show loss and the draft's
-   greedy agreement with the target on held-out answers; a checkpoint is
-   written as it goes.
-3. export: the trained draft, the target's tokenizer and a record of the
-   recipe, into the output directory; `wisp-edge --draft-model DIR` loads it.
-"""
+"""Stage 2: the draft learns the target's next feature and token (EAGLE), with the training-time test."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import random
-import sys
-import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from wisp_common.config import DistillConfig, ServerConfig, add_config_arguments, config_from_args
+from wisp_common.config import DistillConfig
+from wisp_common.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
 from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model
-from wisp_common.request import SamplingParams
-from wisp_edge.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
+from wisp_distill.data import Progress, Sample, device_of, load_samples, work_dir
 
 log = logging.getLogger("wisp_distill")
 
-SHARD_SIZE = 64
 AGREEMENT_IDS_BELOW = 8192  # the head always covers the tokenizer's most common ids
-
-
-SELF_PROMPT_TOKENS = 96  # a self-written prompt that has not ended by then is dropped
-SELF_PROMPT_SAMPLING = SamplingParams(temperature=1.0, top_p=0.95)
-# Left alone, a small target writes mostly advice-seeking questions. Starting a prompt with a task's opening
-# words steers it to the other task kinds of instruction data (Magpie's categories, arXiv 2406.08464):
-# writing, editing, role play, maths, coding, data analysis, reasoning, information seeking, brainstorming.
-TASK_OPENINGS = (
-    *("Write a", "Compose a", "Draft a", "Rewrite", "Edit the following"),
-    *("Pretend", "Imagine you are", "Act as"),
-    *("Solve", "Calculate", "Find the", "Prove that"),
-    *("Write a Python function", "Implement", "Write a program", "Fix the", "What does this code"),
-    *("Given the", "Extract", "Summarize", "Classify"),
-    *("Suppose", "If", "Which"),
-    *("Explain", "Describe", "Discuss", "Compare", "What are", "How does"),
-    *("List", "Suggest"),
-)
-
-
-@dataclass
-class Sample:
-    prompt_len: int
-    tokens: torch.Tensor  # int32 [prompt + answer]
-    features: torch.Tensor | None  # float16 [prompt + answer - 1, hidden]: the target's feature at each position
-
-
-def work_dir(config: DistillConfig) -> Path:
-    return Path(config.work_dir or f"{config.output}.work")
-
-
-def device_of(config: DistillConfig) -> str:
-    if config.device != "auto":
-        return config.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def autocast(config: DistillConfig) -> torch.autocast:
@@ -89,231 +28,6 @@ def autocast(config: DistillConfig) -> torch.autocast:
     device = device_of(config)
     dtype = resolve_dtype(config.train_dtype, device)
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "bfloat16")
-
-
-class Progress:
-    """A line every ``every`` seconds: long stages must show they are alive."""
-
-    def __init__(self, every: float):
-        self.every, self.started, self.last = every, time.monotonic(), 0.0
-
-    def due(self) -> bool:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            return True
-        return False
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-
-# --- stage 1: the target's answers and features ------------------------------------------------
-
-
-def chat_ids(tokenizer, prompt: str) -> list[int]:
-    from wisp_edge.cli import encode_prompt
-
-    return encode_prompt(tokenizer, prompt, chat=True)
-
-
-def prompt_source(config: DistillConfig) -> str:
-    return "file" if config.prompts_file else config.prompt_source
-
-
-def excluded_texts(config: DistillConfig) -> list[str]:
-    from wisp_common.prompts import load_prompts
-
-    return load_prompts(config.exclude_file) if config.exclude_file else []
-
-
-def pre_query_ids(tokenizer) -> list[int]:
-    """The chat template up to where the user's words go: what a self-written prompt is sampled after."""
-    if not tokenizer.chat_template:
-        raise SystemExit("--prompt-source self needs a chat template; use --prompt-source templates or --prompts-file")
-    marker = "WISP-PROMPT-MARKER"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
-    return tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
-
-
-def self_prompts(engine, tokenizer, config: DistillConfig, have: list[str], banned: set) -> list[str]:
-    """Prompts the target writes itself, sampled until there are ``num_prompts`` distinct, finished ones that share
-    no ``banned`` 8-word sequence."""
-    from wisp_common.training_prompts import word_ngrams
-
-    prompts, pre, eos = dict.fromkeys(have), pre_query_ids(tokenizer), tokenizer.eos_token_id
-    # Each attempt is seeded: a rerun writes the same prompts, and a resumed run that asks for more writes new ones.
-    rng = random.Random(f"{config.seed}/{len(have)}")
-    progress, written_count = Progress(config.log_every), 0
-    while len(prompts) < config.num_prompts:
-        # Every prompt of a pass is kept, not the first to finish, so that long prompts are not under-represented.
-        count = int(1.25 * (config.num_prompts - len(prompts))) + 8
-        openings = {i: rng.choice(TASK_OPENINGS) if config.task_openings else "" for i in range(count)}
-        wanted = {i: pre + tokenizer.encode(o, add_special_tokens=False) for i, o in openings.items()}
-        attempts = {i: rng.randrange(1, 2**31) for i in wanted}
-        for index, sample in answer(
-            engine, wanted, SELF_PROMPT_TOKENS, config.concurrency, eos, SELF_PROMPT_SAMPLING, seeds=attempts
-        ):
-            written = sample.tokens[sample.prompt_len :].tolist()
-            text = (openings[index] + tokenizer.decode(written[:-1], skip_special_tokens=True)).strip()
-            written_count += 1
-            if written[-1] == eos and len(text.split()) >= 3 and not word_ngrams(text, 8) & banned:
-                prompts.setdefault(text)
-            if progress.due():
-                log.info(
-                    "generate: the target has written %d prompts, %d kept", written_count, len(prompts) - len(have)
-                )
-    kept = len(prompts) - len(have)
-    log.info("generate: %d of the %d prompts the target wrote were kept (%d in all)", kept, written_count, len(prompts))
-    return list(prompts)[: config.num_prompts]
-
-
-def new_prompt_texts(config: DistillConfig, tokenizer, engine, have: list[str]) -> list[str]:
-    from wisp_common.prompts import load_prompts
-    from wisp_common.training_prompts import training_prompts, word_ngrams
-
-    source, excluded = prompt_source(config), excluded_texts(config)
-    if source == "templates":
-        return training_prompts(config.num_prompts, config.seed, excluded)
-    banned = set().union(*(word_ngrams(text, 8) for text in excluded))
-    if source == "self":
-        return self_prompts(engine, tokenizer, config, have, banned)
-    return [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
-
-
-def target_engine(config: DistillConfig, max_context: int):
-    """WISP's own verification engine for the target, sized to answer ``concurrency`` prompts at once."""
-    from wisp_server.server import build_engine
-
-    return build_engine(
-        ServerConfig(
-            target_model=config.target_model,
-            engine=config.engine,
-            dtype=config.dtype,
-            device="cpu" if device_of(config) == "cpu" else "cuda",
-            threads=config.threads,
-            max_sessions=config.concurrency,
-            max_context_tokens=max_context,
-            max_batch_tokens=max(4096, max_context),
-            max_draft_tokens=1,
-            kv_cache_gib=config.kv_cache_gib,
-        )
-    )
-
-
-def answer(
-    engine,
-    prompts: dict[int, list[int]],
-    max_answer_tokens: int,
-    concurrency: int,
-    eos: int | None,
-    sampling: SamplingParams = SamplingParams(),
-    with_features: bool = True,
-    seeds: Mapping[int, int] | None = None,
-):
-    """The target's answers (greedy by default), ``concurrency`` at a time; yields (index, Sample) as they end.
-
-    ``seeds``: a sampling seed per prompt, so that sampled answers are reproducible and differ between prompts.
-
-    Every step decodes one token for every running answer (an empty draft), so
-    the engine batches them like plain continuous batching.
-    """
-    from wisp_server.engine import RoundRequest
-
-    queue = list(prompts)
-    longest = max(len(p) for p in prompts.values()) + max_answer_tokens + 1
-    active: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
-    try:
-        while queue or active:
-            while queue and len(active) < concurrency:
-                index = queue.pop(0)
-                params = replace(sampling, seed=seeds[index]) if seeds else sampling
-                engine.add_session(str(index), prompts[index], params, longest, features=with_features)
-                active[index] = ([], [])
-            indices = list(active)
-            for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):
-                tokens, features = active[index]
-                tokens.append(verdict.next_token)
-                if with_features:
-                    features.append(verdict.features.to(torch.float16))
-                if verdict.next_token == eos or len(tokens) >= max_answer_tokens:
-                    engine.remove_session(str(index))
-                    del active[index]
-                    prompt = prompts[index]
-                    fed = torch.cat(features) if with_features else None
-                    yield index, Sample(len(prompt), torch.tensor(prompt + tokens, dtype=torch.int32), fed)
-    finally:  # a consumer that stops early leaves no session behind in the engine
-        for index in active:
-            engine.remove_session(str(index))
-
-
-def generate(config: DistillConfig) -> None:
-    """Answers every prompt whose shard is missing or part-full; several shards' answers are generated together.
-
-    The prompts are kept in the work directory, so a resumed run answers the same ones.
-    """
-    from wisp_common.prompts import load_prompts
-
-    data = work_dir(config) / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(config.target_model)
-    source = prompt_source(config)
-    kept = work_dir(config) / f"prompts-{source}.jsonl"
-    texts = load_prompts(kept) if kept.exists() else []
-    engine = None
-    if len(texts) < config.num_prompts:
-        if source == "self":  # room for the answers to the prompts it writes, too
-            context = len(pre_query_ids(tokenizer)) + 2 * SELF_PROMPT_TOKENS + config.max_answer_tokens
-            engine = target_engine(config, context)
-        texts = new_prompt_texts(config, tokenizer, engine, texts)
-        kept.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
-    prompts = [chat_ids(tokenizer, text) for text in texts[: config.num_prompts]]
-    shards = math.ceil(len(prompts) / SHARD_SIZE)
-    todo = [s for s in range(shards) if not shard_done(data, source, s, len(prompts))]
-    wanted = {i: prompts[i] for s in todo for i in _shard_range(s, len(prompts))}
-    if not wanted:
-        log.info("generate: all %d shards of %s prompts present", shards, source)
-        return
-    engine = engine or target_engine(config, max(len(p) for p in prompts) + config.max_answer_tokens + 1)
-    log.info("generate: %d %s prompts, %d shards, %d at once", len(wanted), source, len(todo), config.concurrency)
-    done: dict[int, Sample] = {}
-    progress, generated = Progress(config.log_every), 0
-    for index, sample in answer(engine, wanted, config.max_answer_tokens, config.concurrency, tokenizer.eos_token_id):
-        done[index] = sample
-        generated += len(sample.tokens) - sample.prompt_len
-        for shard in [s for s in todo if all(i in done for i in _shard_range(s, len(prompts)))]:
-            records = [asdict(done.pop(i)) for i in _shard_range(shard, len(prompts))]
-            torch.save(records, shard_path(data, source, shard))
-            todo.remove(shard)
-        if progress.due():
-            rate = generated / progress.elapsed
-            log.info("generate: %d shards left, %d answer tokens, %.0f tok/s", len(todo), generated, rate)
-
-
-def shard_path(data: Path, source: str, shard: int) -> Path:
-    return data / f"{source}-shard-{shard:05d}.pt"
-
-
-def _shard_range(shard: int, total: int) -> range:
-    return range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, total))
-
-
-def shard_done(data: Path, source: str, shard: int, total: int) -> bool:
-    """A shard is done when it holds all its prompts: a run asked for more prompts than the last refills the last
-    shard it left part-full."""
-    path = shard_path(data, source, shard)
-    return path.exists() and len(torch.load(path, mmap=True)) == len(_shard_range(shard, total))
-
-
-def load_samples(config: DistillConfig) -> list[Sample]:
-    files = sorted((work_dir(config) / "data").glob("*shard-*.pt"))
-    if not files:
-        raise SystemExit(f"no training data in {work_dir(config) / 'data'}: run the generate stage first")
-    return [Sample(**record) for file in files for record in torch.load(file)]
-
-
-# --- stage 2: training ----------------------------------------------------------------------------
 
 
 def head_vocabulary(samples: list[Sample], size: int, vocab: int, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -402,10 +116,10 @@ def make_batches(samples: list[Sample], batch_tokens: int, rng: random.Random) -
         group.append(index)
     groups.append(group)
     rng.shuffle(groups)
-    return [_collate([samples[i] for i in g]) for g in groups if g]
+    return [collate([samples[i] for i in g]) for g in groups if g]
 
 
-def _collate(samples: list[Sample]) -> Batch:
+def collate(samples: list[Sample]) -> Batch:
     n = max(len(s.features) for s in samples) - 1
     hidden = samples[0].features.shape[1]
     batch = Batch(
@@ -620,50 +334,3 @@ def save_checkpoint(path: Path, model, optimizer, schedule, step: int, head_ids,
     }
     torch.save(state, path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
-
-
-# --- stage 3: export ------------------------------------------------------------------------------
-
-
-def export(config: DistillConfig) -> None:
-    checkpoint_path = work_dir(config) / "checkpoint.pt"
-    if not checkpoint_path.exists():
-        raise SystemExit(f"no checkpoint at {checkpoint_path}: run the train stage first")
-    state = torch.load(checkpoint_path)
-    model = new_model(config, state["head_ids"], layers_in(state["model"]))
-    model.load_state_dict(state["model"], strict=False)
-    out = Path(config.output)
-    model.save(out)
-    load_tokenizer(config.target_model).save_pretrained(out)
-    record = {"recipe": asdict(config), "steps": state["step"], "held_out_agreement": state["agreement"]}
-    started_from = Path(resolve_model(config.init_from)) / "distill.json" if config.init_from else None
-    if started_from and started_from.exists():  # the whole lineage of a draft trained in several runs
-        record["started_from"] = json.loads(started_from.read_text())
-    (out / "distill.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("export: draft written to %s (held-out agreement %.3f)", out, state["agreement"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="wisp-distill",
-        description="Train a feature-conditioned draft for a target model: generate, train, export (resumable).",
-    )
-    add_config_arguments(parser, DistillConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    config = config_from_args(DistillConfig, args)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    stages = {"generate": generate, "train": train, "export": export}
-    try:
-        for name, stage in stages.items():
-            if config.stage in ("all", name):
-                stage(config)
-    except KeyboardInterrupt:
-        log.info("interrupted: run the same command again to resume")
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

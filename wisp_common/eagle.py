@@ -1,0 +1,159 @@
+"""The draft model's format: a draft conditioned on the target's features (EAGLE: Li et al., ICML 2024,
+arXiv 2401.15077). The edge drafts with it and the trainer (`wisp_distill`) writes it, so it lives here.
+
+A standalone small draft has to guess the target's next token from the text
+alone. This one also reads the target's *feature* f_i: its last hidden state
+at position i, which the server computes anyway while verifying and sends
+back with each verdict. At position i the draft combines f_i with the
+embedding of token x_{i+1}, runs its decoder layers (EAGLE's one, or more:
+`wisp-distill --draft-layers`) over all such pairs so far, and predicts the
+feature at position i+1; the target's own output head (restricted to a
+trimmed vocabulary, so it stays cheap) turns that prediction into a
+distribution for x_{i+2}. Further drafts feed the predicted features back
+in, until the next verdict brings the real ones.
+
+The input embedding and output head are the target's, loaded from the
+target checkpoint named in the draft's config; the draft itself stores only
+its fusion layer, its decoder layers, a norm and the ids of its head's
+vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+MODEL_TYPE = "wisp-eagle"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+DECODER_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "hidden_act",
+)
+
+
+class EagleDraftModel(nn.Module):
+    """fc([embed(x_{i+1}), f_i]) -> Llama decoder layer(s) -> norm: the predicted feature f_{i+1}."""
+
+    def __init__(
+        self,
+        target: str,
+        decoder: dict,
+        embedding: torch.Tensor,
+        head: torch.Tensor,
+        head_ids: torch.Tensor,
+        layers: int = 1,
+    ):
+        super().__init__()
+        self.target = target
+        hidden = embedding.shape[1]
+        self.embed = nn.Embedding.from_pretrained(embedding, freeze=True)
+        self.register_buffer("head_ids", head_ids.long())
+        self.register_buffer("head", head[head_ids.long()].clone(), persistent=False)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.decoder_config = dict(decoder)
+        # Tokens come in through the target's embedding, so the decoder's own vocabulary is a placeholder.
+        special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+        self.decoder = LlamaModel(LlamaConfig(vocab_size=1, num_hidden_layers=layers, **special, **self.decoder_config))
+
+    @property
+    def layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        cache: DynamicCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``features`` [batch, n, hidden] and ``tokens`` [batch, n] -> predicted features and head logits.
+
+        ``attention_mask``: None is causal; a boolean [1, 1, n, cached + n] says which keys each query sees."""
+        fused = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
+        out = self.decoder(
+            inputs_embeds=fused,
+            position_ids=position_ids,
+            past_key_values=cache,
+            attention_mask=attention_mask,
+            use_cache=True,
+        )
+        predicted = out.last_hidden_state
+        return predicted, predicted @ self.head.T
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "model_type": MODEL_TYPE,
+            "target": self.target,
+            "layers": self.layers,
+            "decoder": self.decoder_config,
+        }
+        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "embed.weight"}
+        save_file(weights, path / WEIGHTS_FILE)
+
+
+def decoder_config_of(target_config) -> dict:
+    """The draft's decoder layer has the target's shapes."""
+    return {name: getattr(target_config, name) for name in DECODER_FIELDS if hasattr(target_config, name)}
+
+
+def target_output_layers(target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's input embedding and output head, read from its checkpoint without loading the rest."""
+    from safetensors import safe_open
+
+    from wisp_common.models import resolve_model
+
+    path = Path(resolve_model(target))
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors"]))
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in ("model.embed_tokens.weight", "lm_head.weight"):
+                if key in handle.keys():
+                    found[key] = handle.get_tensor(key)
+    if "model.embed_tokens.weight" not in found:
+        raise ValueError(f"{target}: no model.embed_tokens.weight in its safetensors files (a Llama-style target?)")
+    embedding = found["model.embed_tokens.weight"].float()
+    return embedding, found.get("lm_head.weight", embedding).float()  # tied embeddings share one matrix
+
+
+def is_eagle_model(path: str | Path) -> bool:
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+
+
+def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> EagleDraftModel:
+    from safetensors.torch import load_file
+
+    from wisp_common.models import torch_dtype
+
+    path = Path(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    weights = load_file(path / WEIGHTS_FILE)
+    embedding, head = target_output_layers(config["target"])
+    layers = config.get("layers", 1)  # drafts written before --draft-layers have one
+    model = EagleDraftModel(config["target"], config["decoder"], embedding, head, weights["head_ids"], layers)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if set(missing) != {"embed.weight"} or unexpected:
+        raise ValueError(f"{path}: not a {MODEL_TYPE} checkpoint (missing {missing}, unexpected {unexpected})")
+    return model.to(device=device, dtype=torch_dtype(dtype, device)).eval()

@@ -1,0 +1,1 @@
+"""Verification engines: the interface (`base`), the vllm and hf backends, and the factory that builds them."""
