@@ -14,8 +14,8 @@
 3. cost: the draft's and the target's time per token at batch 1 with a KV
    cache, in this process, in alternating turns; and each one's tokens/s.
 
-    python benchmarks/draft_quality.py                     # the default pair
-    python benchmarks/draft_quality.py --draft-model DIR --server-prompts 20
+    python -m benchmarks.draft_quality                     # the default pair
+    python -m benchmarks.draft_quality --draft-model DIR --server-prompts 20
 """
 
 from __future__ import annotations
@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.common import add_common_options
+from benchmarks.report import print_table, save_plot, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-MT_BENCH = ROOT.parent / "shared" / "data" / "mt_bench_questions.jsonl"
 VARIANTS = {  # result key: (legend, colour)
     "tokens_per_round": ("draft + prompt lookup (the edge's default)", "tab:blue"),
     "tokens_per_round_draft_alone": ("draft alone", "tab:gray"),
@@ -44,32 +42,32 @@ VARIANTS = {  # result key: (legend, colour)
 def target_answers(args, prompts: list[list[int]], eos: int | None):
     """The target's greedy answers and features, through the engine the server uses."""
     from wisp_common.config import DistillConfig
-    from wisp_server import distill
+    from wisp_distill import data
 
     config = DistillConfig(target_model=args.target_model, engine="vllm", dtype=args.dtype, concurrency=len(prompts))
-    engine = distill.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
+    engine = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
     indexed = dict(enumerate(prompts))
-    samples = dict(distill.answer(engine, indexed, args.answer_tokens, len(prompts), eos))
+    samples = dict(data.answer(engine, indexed, args.answer_tokens, len(prompts), eos))
     return [samples[i] for i in range(len(prompts))]
 
 
 def agreement(draft_model, samples) -> list[float]:
     """From the target's features, and from the draft's own prediction of the feature before (step 2)."""
-    from wisp_server import distill
+    from wisp_distill import train
 
-    batches = distill.make_batches(samples, 4096, random.Random(0))
-    return distill.evaluate(draft_model, batches, "cpu", 1.0, steps=2)
+    batches = train.make_batches(samples, 4096, random.Random(0))
+    return train.evaluate(draft_model, batches, "cpu", 1.0, steps=2)
 
 
 def agreement_with_lookup(draft_model, samples, lookup) -> float:
     """Teacher-forced first-token agreement where the edge's prompt lookup overrides the unsure drafts."""
-    from wisp_server import distill
+    from wisp_distill import train
 
     hits = total = 0
     with torch.inference_mode():
         for sample in samples:
-            batch = distill._collate([sample])
-            _, logits = next(distill.unrolled(draft_model, batch.features.float(), batch.tokens, 1))
+            batch = train.collate([sample])
+            _, logits = next(train.unrolled(draft_model, batch.features.float(), batch.tokens, 1))
             top1, index = logits[0].softmax(-1).max(-1)
             tokens = sample.tokens.tolist()
             for i in (batch.labels[0] >= 0).nonzero().flatten().tolist():  # predicting token i + 2
@@ -87,17 +85,20 @@ def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int |
     from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_edge.client import EdgeClient
-    from wisp_edge.controller import AcceptancePredictor
+    from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
 
     tokenizer = load_tokenizer(args.draft_model)
     identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
-    predictor = None if length else AcceptancePredictor.beside(resolve_model(args.draft_model))
+    if length:
+        speculation = FixedLength
+    else:
+        speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor.beside(resolve_model(args.draft_model)))
     work = list(prompts)
     totals = {"tokens": 0, "rounds": 0, "sent": 0, "accepted": 0}
     lock = threading.Lock()
 
     def device() -> None:
-        client = EdgeClient(grpc.insecure_channel(args.server), make_drafter(), identity, predictor=predictor)
+        client = EdgeClient(grpc.insecure_channel(args.server), make_drafter(), identity, speculation)
         while True:
             with lock:
                 if not work:
@@ -149,44 +150,42 @@ def cost(args, prompt: list[int], target, draft_model, lookup) -> dict[str, floa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def plot(result: dict) -> Path:
+    def draw(left, right) -> None:
+        labels = list(result["tokens_per_round"])
+        width = 0.4
+        for shift, (variant, (legend, color)) in zip((-width / 2, width / 2), VARIANTS.items()):
+            values = [result[variant].get(k, 0.0) for k in labels]
+            left.bar([i + shift for i in range(len(labels))], values, width, color=color, label=legend)
+        left.set_xticks(range(len(labels)), labels)
+        left.axhline(1.8, color="tab:red", linestyle="--", label="bar: 1.8")
+        left.set(
+            title=f"tokens per verification round (agreement {result['agreement']:.3f})",
+            xlabel="speculation length",
+            ylabel="tokens / round",
+        )
+        left.legend(loc="lower right")
+        names = ["target", "draft", "draft_alone"]
+        speeds = [1 / result["seconds_per_token"][n] for n in names]
+        right.bar(["target", "draft + lookup", "draft alone"], speeds, color=["tab:gray", "tab:green", "tab:olive"])
+        right.set(
+            title=f"batch-1 speed: draft/target cost {result['cost_ratio']:.3f}",
+            ylabel="tokens / s",
+        )
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    labels = list(result["tokens_per_round"])
-    width = 0.4
-    for shift, (variant, (legend, color)) in zip((-width / 2, width / 2), VARIANTS.items()):
-        values = [result[variant].get(k, 0.0) for k in labels]
-        left.bar([i + shift for i in range(len(labels))], values, width, color=color, label=legend)
-    left.set_xticks(range(len(labels)), labels)
-    left.axhline(1.8, color="tab:red", linestyle="--", label="bar: 1.8")
-    left.set(
-        title=f"tokens per verification round (agreement {result['agreement']:.3f})",
-        xlabel="speculation length",
-        ylabel="tokens / round",
-    )
-    left.legend(loc="lower right")
-    names = ["target", "draft", "draft_alone"]
-    speeds = [1 / result["seconds_per_token"][n] for n in names]
-    right.bar(["target", "draft + lookup", "draft alone"], speeds, color=["tab:gray", "tab:green", "tab:olive"])
-    right.set(
-        title=f"batch-1 speed: draft/target cost {result['cost_ratio']:.3f}",
-        ylabel="tokens / s",
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_plot("draft_quality", draw, ncols=2, figsize=(10, 4))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--draft-model", default="smollm2-135m-wisp-draft")
-    parser.add_argument("--prompts", default=str(MT_BENCH), help="JSONL / MT-Bench / ShareGPT prompts")
-    parser.add_argument("--dtype", default="float32", help="the target's dtype, in the server and for agreement")
-    parser.add_argument("--answer-tokens", type=int, default=96)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.draft_quality", description=__doc__.splitlines()[0])
+    add_common_options(
+        parser,
+        draft_model=True,
+        dtype="float32",
+        dtype_help="the target's dtype, in the server and for agreement",
+        prompts_flag="--prompts",
+        answer_tokens=True,
+    )
     parser.add_argument("--server-prompts", type=int, default=80, help="prompts answered through the server per run")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2, 3, 4], help="fixed speculation lengths")
     parser.add_argument("--concurrency", type=int, default=8, help="edge sessions at once")
@@ -198,9 +197,8 @@ def main() -> int:
 
     from wisp_common.config import EdgeConfig
     from wisp_common.models import load_causal_lm, load_tokenizer
-    from wisp_common.prompts import load_prompts
-    from wisp_edge.cli import encode_prompt
-    from wisp_edge.drafter import drafter_factory
+    from wisp_common.prompts import encode_prompt, load_prompts
+    from wisp_edge.draft_loader import drafter_factory
     from wisp_edge.eagle import EagleDrafter
     from wisp_edge.lookup import PromptLookup
     from wisp_server.launcher import ServerProcess
@@ -289,8 +287,7 @@ def main() -> int:
         ],
     )
     print(f"best fixed length: {best:.2f} tokens/round")
-    png = RESULTS / "draft_quality.png"
-    plot(result, png)
+    png = plot(result)
     print(f"wrote {write_json('draft_quality', result)} and {png}")
     return 0
 

@@ -8,8 +8,9 @@ Reported: the mean absolute percentage error (MAPE) of those predictions,
 for the first and the second half of the held-out batches (the online
 refinement), and the fitted coefficients.
 
-    python benchmarks/estimator.py
-    python benchmarks/estimator.py --backends hf --batches 100
+    python -m benchmarks.estimator
+    python -m benchmarks.estimator --backends hf --batches 100
+    python -m benchmarks.estimator --backends hf --batches 6 --max-sessions 2 --max-prompt-tokens 64  # a smoke run
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, print_table, run_worker, write_json  # noqa: E402
+from benchmarks.common import add_common_options
+from benchmarks.report import print_table, run_worker, save_plot, write_json
 
 
 def worker(args: argparse.Namespace) -> dict:
     from wisp_common.config import ServerConfig
     from wisp_common.request import SamplingParams
-    from wisp_server.engine import RoundRequest
+    from wisp_server.engines.base import RoundRequest
+    from wisp_server.engines.factory import build_engine
     from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, profile
-    from wisp_server.server import build_engine
 
     config = ServerConfig(
         target_model=args.target_model,
@@ -39,6 +40,7 @@ def worker(args: argparse.Namespace) -> dict:
         max_sessions=32,
         max_context_tokens=2048,
         max_batch_tokens=16 * 1600,
+        max_batch_sessions=args.max_sessions,  # the profile's largest batch too
         kv_cache_gib=2.0,
     )
     engine = build_engine(config)
@@ -53,16 +55,15 @@ def worker(args: argparse.Namespace) -> dict:
     errors: list[float] = []
     next_id = 0
     for _ in range(args.batches):
-        while len(live) < rng.randrange(1, 17):  # sessions come and go
+        while len(live) < rng.randrange(1, args.max_sessions + 1):  # sessions come and go
             sid, next_id = f"s{next_id}", next_id + 1
-            engine.add_session(
-                sid, [rng.randrange(vocab) for _ in range(rng.randrange(16, 1500))], SamplingParams(), 2048
-            )
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(16, args.max_prompt_tokens))]
+            engine.add_session(sid, prompt, SamplingParams(), 2048)
             live[sid] = 0
         for sid in [s for s in live if rng.random() < 0.1]:
             engine.remove_session(sid)
             del live[sid]
-        batch = rng.sample(sorted(live), k=min(len(live), rng.randrange(1, 17)))
+        batch = rng.sample(sorted(live), k=min(len(live), rng.randrange(1, args.max_sessions + 1)))
         drafts = {sid: rng.randrange(0, 9) for sid in batch}
         shapes = [SequenceShape(live[s], engine.uncached_tokens(s) + drafts[s]) for s in batch]
         predicted = estimator.estimate(shapes)
@@ -87,13 +88,20 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it, else float32")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.estimator", description=__doc__.splitlines()[0])
+    add_common_options(parser)
     parser.add_argument("--backends", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
     parser.add_argument("--batches", type=int, default=200, help="held-out batches per backend")
+    parser.add_argument(
+        "--max-sessions", type=int, default=16, help="most sessions in a held-out batch, and in the profile's (1-16)"
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=1500, help="longest prompt of a new held-out session (17-1500)"
+    )
     parser.add_argument("--worker", choices=["vllm", "hf"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 1 <= args.max_sessions <= 16 or not 17 <= args.max_prompt_tokens <= 1500:
+        parser.error("--max-sessions must be within 1-16 and --max-prompt-tokens within 17-1500")
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
@@ -101,7 +109,7 @@ def main() -> int:
     results = {}
     for backend in args.backends:
         print(f"measuring {backend} ...", file=sys.stderr, flush=True)
-        results[backend] = run_worker(__file__, backend)
+        results[backend] = run_worker("benchmarks.estimator", backend)
     rows = [
         [
             b,
@@ -113,31 +121,25 @@ def main() -> int:
         for b, r in results.items()
     ]
     print_table(["backend", "MAPE %", "first half", "second half", "profile s"], rows)
-    png = RESULTS / "estimator.png"
-    plot(results, png)
+    png = plot(results)
     print(f"wrote {write_json('estimator', {'args': vars(args), 'results': results})} and {png}")
     return 0
 
 
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
+def plot(results: dict) -> Path:
+    def draw(ax) -> None:
+        names = list(results)
+        width = 0.35
+        for offset, key, label in (
+            (-width / 2, "mape_first_half", "first half"),
+            (width / 2, "mape_second_half", "second half"),
+        ):
+            ax.bar([i + offset for i in range(len(names))], [results[n][key] for n in names], width, label=label)
+        ax.set_xticks(range(len(names)), names)
+        ax.set(title="verification time estimator, held-out batches", ylabel="MAPE %")
+        ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    names = list(results)
-    width = 0.35
-    for offset, key, label in (
-        (-width / 2, "mape_first_half", "first half"),
-        (width / 2, "mape_second_half", "second half"),
-    ):
-        ax.bar([i + offset for i in range(len(names))], [results[n][key] for n in names], width, label=label)
-    ax.set_xticks(range(len(names)), names)
-    ax.set(title="verification time estimator, held-out batches", ylabel="MAPE %")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_plot("estimator", draw, figsize=(6, 4))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ server's own part of it is shown apart: scheduling and bookkeeping from its
 metrics, and gRPC's cost measured on the idle server before each turn (the
 rest is the devices' side: eight of them saturate their shared core).
 
-    python benchmarks/policies.py                        # 8 devices, 32 prompts, 2 turns
-    python benchmarks/policies.py --devices 4 --prompts 16 --repeats 1
+    python -m benchmarks.policies                        # 8 devices, 32 prompts, 2 turns
+    python -m benchmarks.policies --devices 4 --prompts 16 --repeats 1
 """
 
 from __future__ import annotations
@@ -40,9 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_quality import MT_BENCH  # noqa: E402
-from report import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.common import add_common_options
+from benchmarks.report import print_table, save_plot, write_json
 
 CONFIGS = ("wisp", "sled", "fcfs", "centralized")
 
@@ -113,8 +112,8 @@ def _device(args, index: int, jobs, work, results) -> None:
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
     from wisp_common.request import Slo
     from wisp_edge.client import EdgeClient
-    from wisp_edge.controller import AcceptancePredictor
-    from wisp_edge.drafter import drafter_factory
+    from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+    from wisp_edge.draft_loader import drafter_factory
     from wisp_edge.lookup import PromptLookup
 
     if args.pin:
@@ -129,8 +128,13 @@ def _device(args, index: int, jobs, work, results) -> None:
         with grpc.insecure_channel(address) as channel:
             stub, client = pb_grpc.WispStub(channel), None
             if config != "centralized":
-                predictor = AcceptancePredictor.beside(args.draft_path) if config == "wisp" else None
-                client = EdgeClient(channel, make_drafter(), identity, predictor=predictor, pipeline=config == "wisp")
+                if config == "wisp":
+                    speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor.beside(args.draft_path))
+                else:
+                    speculation = FixedLength
+                client = EdgeClient(
+                    channel, make_drafter(), identity, speculation=speculation, pipeline=config == "wisp"
+                )
             while (prompt := work.get()) is not None:
                 if client is None:
                     results.put((index, "request", vars(centralized(args, stub, prompt))))
@@ -261,20 +265,20 @@ def measure(args, config: str, prompts, devices: Devices) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--draft-model", default="smollm2-135m-wisp-draft")
-    parser.add_argument(
-        "--dtype", default="auto", help="the target's dtype in the server (auto: bfloat16 where the CPU computes in it)"
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.policies", description=__doc__.splitlines()[0])
+    add_common_options(
+        parser,
+        draft_model=True,
+        dtype_help="the target's dtype in the server (auto: bfloat16 where the CPU computes in it)",
+        prompts_flag="--prompts-file",
+        answer_tokens=True,
+        repeats=True,
     )
-    parser.add_argument("--prompts-file", default=str(MT_BENCH))
     parser.add_argument("--prompts", type=int, default=32, help="requests per configuration")
     parser.add_argument("--devices", type=int, default=8, help="emulated devices, concurrent sessions")
-    parser.add_argument("--answer-tokens", type=int, default=96)
     parser.add_argument("--draft-tokens", type=int, default=4, help="fixed length (sled, fcfs); the most for wisp")
     parser.add_argument("--slo-ttft", type=float, default=2.0)
     parser.add_argument("--slo-tpot", type=float, default=0.1)
-    parser.add_argument("--repeats", type=int, default=2, help="turns per configuration, in alternating order")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument(
         "--pin", action=argparse.BooleanOptionalAction, default=True, help="devices core 0, server core 1"
@@ -282,8 +286,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from wisp_common.prompts import load_prompts
-    from wisp_edge.cli import encode_prompt
+    from wisp_common.prompts import encode_prompt, load_prompts
 
     tokenizer = load_tokenizer(args.target_model)
     prompts = [encode_prompt(tokenizer, p, chat=True) for p in load_prompts(args.prompts_file)][: args.prompts]
@@ -338,26 +341,20 @@ def main() -> int:
                 f"{r['server_overhead_share']:.1%} of a {r['round_trip_ms']:.0f} ms round trip"
             )
     path = write_json("policies", {"args": {k: v for k, v in vars(args).items()}, "median": results, "turns": turns})
-    png = RESULTS / "policies.png"
-    plot(results, args, png)
+    png = plot(results, args)
     print(f"wrote {path} and {png}")
     return 0
 
 
-def plot(results: dict, args, path: Path) -> None:
-    import matplotlib
+def plot(results: dict, args) -> Path:
+    def draw(left, right) -> None:
+        names = list(results)
+        left.bar(names, [results[n]["goodput"] for n in names], color="tab:blue")
+        left.set(title=f"goodput, {args.devices} devices", ylabel="tokens/s within SLO")
+        right.bar(names, [100 * results[n]["slo_attainment"] for n in names], color="tab:green")
+        right.set(title=f"SLO attainment (TTFT {args.slo_ttft}s, TPOT {args.slo_tpot}s)", ylabel="% of requests")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(names, [results[n]["goodput"] for n in names], color="tab:blue")
-    left.set(title=f"goodput, {args.devices} devices", ylabel="tokens/s within SLO")
-    right.bar(names, [100 * results[n]["slo_attainment"] for n in names], color="tab:green")
-    right.set(title=f"SLO attainment (TTFT {args.slo_ttft}s, TPOT {args.slo_tpot}s)", ylabel="% of requests")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_plot("policies", draw, ncols=2, figsize=(10, 4))
 
 
 if __name__ == "__main__":

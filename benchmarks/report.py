@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, RESULTS_ENV, ROOT
+
+
+def results_dir() -> Path:
+    """Where results go: ``$WISP_BENCH_RESULTS`` where set, else ``benchmarks/results``; made if missing."""
+    path = Path(os.environ.get(RESULTS_ENV) or RESULTS)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     import torch
 
     return {
@@ -27,21 +34,51 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_worker(script: str, name: str) -> dict[str, Any]:
-    """Runs ``script --worker name`` with this run's arguments in a fresh process; returns its last JSON line.
+def run_worker(module: str, name: str) -> dict[str, Any]:
+    """Runs ``python -m module --worker name`` with this run's arguments in a fresh process; returns its last
+    JSON line.
 
-    A process per configuration keeps threads, caches and allocator state from leaking between them.
+    A process per configuration keeps threads, caches and allocator state from leaking between them. The child
+    runs in this process's directory (relative paths in the arguments keep their meaning) with the repository
+    root first on its ``PYTHONPATH``, so it imports ``benchmarks`` from wherever this one was started.
     """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     child = subprocess.run(
-        [sys.executable, script, "--worker", name, *sys.argv[1:]], stdout=subprocess.PIPE, text=True, check=True
+        [sys.executable, "-m", module, "--worker", name, *sys.argv[1:]],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        env=env,
     )
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = results_dir() / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def save_plot(name: str, draw: Callable[..., None], *, ncols: int = 1, figsize: tuple[float, float] = (6, 4)) -> Path:
+    """Draws a figure of ``ncols`` plots side by side with ``draw(*axes)`` and saves it as ``<results>/<name>.png``.
+
+    The one place that sets matplotlib up (the Agg backend: no display needed), lays the figure out, saves it at
+    120 dpi and closes it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+    try:
+        draw(*axes[0])
+        fig.tight_layout()
+        path = results_dir() / f"{name}.png"
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

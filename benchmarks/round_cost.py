@@ -14,8 +14,8 @@ per session.
 Where the time goes is profiled too (torch.profiler, the largest cell only):
 attention, matrix products, and everything else, in ms per round.
 
-    python benchmarks/round_cost.py                       # 1/4/8/16 sessions, ~100 and ~1000 tokens
-    python benchmarks/round_cost.py --sessions 1 16 --rounds 10
+    python -m benchmarks.round_cost                       # 1/4/8/16 sessions, ~100 and ~1000 tokens
+    python -m benchmarks.round_cost --sessions 1 16 --rounds 10
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, print_table, run_worker, write_json  # noqa: E402
+from benchmarks.common import add_common_options
+from benchmarks.report import print_table, run_worker, save_plot, write_json
 
 CONFIGS = ("vllm", "hf", "decode")
 PARTS = ("attention", "matmul", "other")
@@ -81,8 +81,8 @@ def profile_rounds(step, rounds: int) -> dict[str, float]:
 
 def worker_verify(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from wisp_common.request import SamplingParams
-    from wisp_server.engine import RoundRequest
-    from wisp_server.server import build_engine
+    from wisp_server.engines.base import RoundRequest
+    from wisp_server.engines.factory import build_engine
 
     config = server_config(args, args.worker)
     engine = build_engine(config)
@@ -117,22 +117,24 @@ def worker_decode(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from wisp_common.models import resolve_dtype, resolve_model
-    from wisp_server.vllm_engine import CPU_BLOCK_SIZE, configure_environment
+    from wisp_common.models import resolve_device, resolve_dtype, resolve_model
+    from wisp_server.engines.vllm_engine import configure_environment, device_settings
 
     config = server_config(args, "vllm")
-    configure_environment(config)
+    device = resolve_device(config.device)
+    settings = device_settings(device)
+    configure_environment(settings)
     engine = LLMEngine.from_engine_args(
         EngineArgs(
             model=resolve_model(args.target_model),
-            dtype=resolve_dtype(args.dtype),
+            dtype=resolve_dtype(args.dtype, device),
             max_model_len=config.max_context_tokens + 1,
-            block_size=CPU_BLOCK_SIZE,
+            block_size=settings.block_size,
             max_num_seqs=config.max_sessions,
             max_num_batched_tokens=config.max_batch_tokens,
             kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
             enable_prefix_caching=False,
-            enforce_eager=True,
+            enforce_eager=settings.enforce_eager,
             async_scheduling=False,
             seed=0,
         )
@@ -162,34 +164,28 @@ def worker_decode(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     return {"ms": results, "breakdown": breakdown}
 
 
-def plot(results: dict[str, dict[str, float]], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
+def plot(results: dict[str, dict[str, float]], args: argparse.Namespace) -> Path:
+    def draw(*axes) -> None:
+        for ax, context in zip(axes, args.contexts):
+            for name in CONFIGS:
+                sessions = args.sessions
+                ax.plot(sessions, [results[name][f"{context}/{n}"] for n in sessions], marker="o", label=name)
+            ax.set(title=f"context ~{context} tokens, {args.drafts} drafts", xlabel="sessions", ylabel="ms per round")
+            ax.grid(alpha=0.3)
+            ax.legend()
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(args.contexts), figsize=(5 * len(args.contexts), 4), squeeze=False)
-    for ax, context in zip(axes[0], args.contexts):
-        for name in CONFIGS:
-            ax.plot(args.sessions, [results[name][f"{context}/{n}"] for n in args.sessions], marker="o", label=name)
-        ax.set(title=f"context ~{context} tokens, {args.drafts} drafts", xlabel="sessions", ylabel="ms per round")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_plot("round_cost", draw, ncols=len(args.contexts), figsize=(5 * len(args.contexts), 4))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 where the CPU computes in it, else float32")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.round_cost", description=__doc__.splitlines()[0])
+    add_common_options(parser, repeats=True)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--drafts", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per cell (median reported)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds per cell (3x for the first)")
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
-    parser.add_argument("--repeats", type=int, default=2, help="turns per configuration, in alternating order")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -202,7 +198,7 @@ def main() -> int:
     for repeat in range(args.repeats):
         for name in CONFIGS if repeat % 2 == 0 else reversed(CONFIGS):
             print(f"measuring {name} (turn {repeat + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-            turns[name].append(run_worker(__file__, name))
+            turns[name].append(run_worker("benchmarks.round_cost", name))
 
     def median(name: str, field: str) -> dict[str, float]:
         runs = [turn[field] for turn in turns[name]]
@@ -224,8 +220,7 @@ def main() -> int:
     print(f"\nwhere a round's time goes, context ~{large}, {max(args.sessions)} sessions (ms, profiled):")
     print_table(["config", *PARTS], [[name, *(breakdown[name][part] for part in PARTS)] for name in CONFIGS])
 
-    png = RESULTS / "round_cost.png"
-    plot(results, args, png)
+    png = plot(results, args)
     path = write_json(
         "round_cost",
         {

@@ -32,7 +32,14 @@ class ServerConfig:
     """The verification server (`wisp-server`)."""
 
     target_model: str = _opt(DEFAULT_TARGET, "target model: a WISP model name, HF id or local path")
-    engine: str = _opt("auto", "verification engine backend (auto: vllm where it is installed)", ("auto", "vllm", "hf"))
+    engine: str = _opt(
+        "auto",
+        "verification engine backend (auto: vllm where it is installed; modeled: exact greedy verdicts from "
+        "--answers, batch time from the --gpu-model cost model)",
+        ("auto", "vllm", "hf", "modeled"),
+    )
+    gpu_model: str = _opt("a100-80gb/qwen3-32b", "modeled engine: the GPU and target whose step time it models")
+    answers: str = _opt("", "modeled engine: the target's recorded greedy answers (JSONL, from wisp-bench record)")
     policy: str = _opt("wisp", "batch scheduling policy", ("wisp", "sled", "fcfs"))
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(50051, "gRPC port (0 picks a free one)")

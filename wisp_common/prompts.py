@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 
-def _prompt_of(record: dict) -> str | None:
+def prompt_of(record: dict) -> str | None:
+    """A record's first-turn prompt, in any of the formats `load_prompts` reads."""
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     if isinstance(record.get("turns"), list) and record["turns"]:  # MT-Bench: first turn
@@ -24,7 +25,7 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[str]:
         records = json.loads(text)
     else:
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    prompts = [p for p in map(_prompt_of, records) if p]
+    prompts = [p for p in map(prompt_of, records) if p]
     if not prompts:
         raise ValueError(f"{path}: no prompts found (expected 'prompt', 'turns' or 'conversations' fields)")
     return prompts[:limit]

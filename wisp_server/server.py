@@ -43,7 +43,7 @@ class WispServer:
     def __init__(self, config: ServerConfig, engine: VerificationEngine):
         self.config = config
         self.estimator = VerificationTimeEstimator(padded=engine.pads_batches)
-        if config.profile_estimator:
+        if config.profile_estimator and engine.verifies_any_prompt:  # else it learns from the first batches
             started = time.monotonic()
             batch_sessions = min(config.max_batch_sessions, config.max_sessions)
             profile(engine, self.estimator, batch_sessions, config.max_context_tokens, config.max_draft_tokens)

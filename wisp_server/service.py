@@ -216,11 +216,16 @@ class WispService(pb_grpc.WispServicer):
         max_tokens = min(len(session.context) + session.room, self.config.max_context_tokens)
         try:
             self.engine.add_session(session.session_id, session.context, params, max_tokens, features)
-        except EngineFull as error:
+        except (EngineFull, ValueError) as error:  # full, or a session this engine cannot serve
             with self._lock:
                 self._sessions.pop(session.session_id, None)
                 self.metrics.sessions_active.set(len(self._sessions))
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)) from None
+            code = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if isinstance(error, EngineFull)
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            raise RequestError(code, str(error)) from None
         self.metrics.sessions.inc()
         return session
 

@@ -57,6 +57,7 @@ class VerificationEngine(ABC):
     name: str
     info: EngineInfo
     pads_batches: bool = False  # every sequence of a batch is computed as wide as the widest (the estimator's model)
+    verifies_any_prompt: bool = True  # False: only prompts it knows, so the start-up profile of random ones cannot run
 
     @abstractmethod
     def add_session(

@@ -38,6 +38,12 @@ def build_engine(config: ServerConfig) -> VerificationEngine:
         eos_token_id=tokenizer.eos_token_id,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )
+    if config.engine == "modeled":
+        from wisp_server.engines.modeled_engine import ModeledVerificationEngine, load_answers, load_gpu_model
+
+        if not config.answers:
+            raise SystemExit("--engine modeled needs --answers: the target's recorded answers (wisp-bench record)")
+        return ModeledVerificationEngine(info, load_answers(config.answers), load_gpu_model(config.gpu_model))
     if engine_kind(config.engine) == "vllm":
         from wisp_server.engines.vllm_engine import VllmVerificationEngine
 

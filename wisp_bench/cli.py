@@ -1,0 +1,303 @@
+"""`wisp-bench`: fleets of emulated devices against a live server; capacity and goodput per configuration.
+
+wisp-bench run                                  # the default sweep, real regime: the real target on this host
+wisp-bench run --regime modeled                 # the same devices against a modeled GPU (A100-80GB, a 32B target)
+wisp-bench run --configs wisp centralized --sizes 1 2 4 8 16 --fleet laptop:1,jetson-orin-nano:1
+wisp-bench record                               # only record the workload (the target's answers, the draft's chains)
+wisp-bench validate                             # replayed devices against real edge processes, side by side
+wisp-bench compare A.json B.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+from wisp_bench import metrics, report
+from wisp_bench.devices import CONFIGURATIONS, Configuration, DeviceRun, run_device
+from wisp_bench.record import RecordSettings, record
+from wisp_bench.replay import Recording, write_answers
+from wisp_bench.trace import RequestTrace
+from wisp_bench.workload import FleetSpec, SloSpec, closed_loop_plan, load_workload_prompts
+from wisp_common.config import DEFAULT_DRAFT, DEFAULT_TARGET
+
+log = logging.getLogger("wisp_bench")
+RESULTS = Path("wisp-bench-results")
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompts",
+        default=None,
+        help="prompt file: JSONL, MT-Bench, ShareGPT or Spec-Bench "
+        "(default: the MT-Bench questions shipped in wisp_bench/data)",
+    )
+    parser.add_argument("--limit", type=int, default=24, help="use the first N prompts (they are recorded once)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="tokens per answer at most")
+    parser.add_argument("--draft-tokens", type=int, default=4, help="drafts per round: the most (adaptive) or always")
+    parser.add_argument("--target-model", default=DEFAULT_TARGET)
+    parser.add_argument("--draft-model", default=DEFAULT_DRAFT)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help="the target's and the draft's dtype while recording and "
+        "serving (float32: greedy is exact, so replay is faithful)",
+    )
+    parser.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf"), help="the real target's engine")
+    parser.add_argument("--seed", type=int, default=0, help="prompts, think times and network jitter")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="wisp-bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="sweep fleet sizes per configuration; JSON, PNG plots, markdown table")
+    add_workload_arguments(run)
+    run.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    run.add_argument(
+        "--regime",
+        choices=("real", "modeled"),
+        default="real",
+        help="real: the real target on this host; modeled: exact verdicts, a GPU cost model's time",
+    )
+    run.add_argument("--gpu-model", default="a100-80gb/qwen3-32b", help="modeled regime: the GPU and target")
+    run.add_argument(
+        "--fleet", default="laptop:1", help="device classes and their mix, e.g. laptop:1,jetson-orin-nano:2"
+    )
+    run.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="fleet sizes to measure")
+    run.add_argument("--sessions-per-device", type=int, default=3, help="sessions each device runs, back to back")
+    run.add_argument("--think", type=float, default=0.0, help="mean seconds a device pauses between sessions")
+    run.add_argument(
+        "--slo",
+        default="default=2.0/0.1",
+        help="TTFT/TPOT seconds per device class, e.g. default=2.0/0.1,jetson-orin-nano=3.0/0.15",
+    )
+    run.add_argument(
+        "--tpot-slos",
+        type=float,
+        nargs="+",
+        default=None,
+        help="TPOT SLOs (s) for the capacity curve (default: 0.5x to 3x a batch-1 decode step)",
+    )
+    run.add_argument("--output-dir", type=Path, default=RESULTS)
+    record_command = commands.add_parser("record", help="record the workload once (it is cached)")
+    add_workload_arguments(record_command)
+    compare = commands.add_parser("compare", help="two runs' headline figures side by side, with ratios")
+    compare.add_argument("a", type=Path)
+    compare.add_argument("b", type=Path)
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "compare":
+            report.print_compare(args.a, args.b)
+            return 0
+        prompts, prompt_ids, recordings = prepare(args)
+        if args.command == "record":
+            print(f"{len(recordings)} prompts recorded")
+            return 0
+        return sweep(args, prompts, prompt_ids, recordings)
+    except KeyboardInterrupt:
+        print("\nwisp-bench: interrupted", file=sys.stderr)
+        return 130
+
+
+def prepare(args: argparse.Namespace):
+    """The workload's prompts, encoded as the real edge would, and their recordings."""
+    from tqdm import tqdm
+
+    from wisp_common.models import load_tokenizer
+    from wisp_common.prompts import encode_prompt
+
+    prompts = load_workload_prompts(args.prompts, args.limit)
+    tokenizer = load_tokenizer(args.draft_model)
+    prompt_ids = [encode_prompt(tokenizer, p.text, chat=True) for p in prompts]
+    settings = RecordSettings(
+        args.target_model, args.draft_model, args.max_new_tokens, 2 * args.draft_tokens, args.dtype, args.engine
+    )
+    with tqdm(total=len(prompts), desc="recording the workload", unit="prompt", leave=False) as bar:
+        recordings = record(settings, prompt_ids, progress=lambda done, _: bar.update(done - bar.n))
+    return prompts, prompt_ids, recordings
+
+
+def scaled_fleet(spec: FleetSpec, size: int) -> FleetSpec:
+    """The spec's mix of classes at ``size`` devices (largest remainders), every class kept in order."""
+    total = len(spec)
+    shares = [(name, size * count / total) for name, count in spec.classes]
+    counts = {name: int(share) for name, share in shares}
+    for name, _ in sorted(shares, key=lambda s: s[1] - int(s[1]), reverse=True)[: size - sum(counts.values())]:
+        counts[name] += 1
+    return FleetSpec(tuple((n, counts[n]) for n, _ in spec.classes if counts[n]), spec.profiles)
+
+
+def server_args(args: argparse.Namespace, configuration: Configuration, size: int, answers: Path) -> list[str]:
+    common = ["--target-model", args.target_model, "--dtype", args.dtype, "--policy", configuration.policy]
+    common += ["--max-sessions", str(max(args.sizes) + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
+    if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet
+        common += ["--max-batch-sessions", str(min(size, 16))]
+    if args.regime == "modeled":
+        return [*common, "--engine", "modeled", "--gpu-model", args.gpu_model, "--answers", str(answers)]
+    return [*common, "--engine", args.engine]
+
+
+def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording]) -> int:
+    from tqdm import tqdm
+
+    from wisp_common.eagle import is_eagle_model
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_edge.controller import AcceptancePredictor
+    from wisp_server.launcher import ServerProcess
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    answers = args.output_dir / "answers.jsonl"
+    write_answers(answers, recordings)
+    fleet_spec = FleetSpec.parse(args.fleet)
+    slos = SloSpec.parse(args.slo, known={name for name, _ in fleet_spec.classes})
+    tokenizer = load_tokenizer(args.draft_model)
+    draft_path = resolve_model(args.draft_model)
+    identity = pb.ModelIdentity(
+        name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
+    )
+    regime = regime_label(args)
+    traces: dict[tuple[str, int], list[RequestTrace]] = {}
+    total = len(args.configs) * sum(args.sizes) * args.sessions_per_device
+    bar = tqdm(total=total, desc="sessions", unit="session")
+    server = None
+    try:
+        for name in args.configs:
+            configuration = CONFIGURATIONS[name]
+            for size in args.sizes:
+                if server is None or configuration.policy == "sled" or server.policy != configuration.policy:
+                    if server is not None:
+                        server.stop()
+                    bar.set_postfix_str(f"starting a server for {name}")
+                    server = ServerProcess(server_args(args, configuration, size, answers), log_prefix=None)
+                    server.policy = configuration.policy
+                    warm_up(server.address, prompt_ids, recordings, identity, args)
+                bar.set_postfix_str(f"{name}, {size} devices")
+                fleet = scaled_fleet(fleet_spec, size)
+                plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
+                run = DeviceRun(
+                    configuration=configuration,
+                    address=server.address,
+                    prompt_ids=prompt_ids,
+                    recordings=recordings,
+                    identity=identity,
+                    predictor=AcceptancePredictor.beside(draft_path),
+                    draft_tokens=args.draft_tokens,
+                    max_new_tokens=args.max_new_tokens,
+                    wants_features=args.regime == "real" and is_eagle_model(draft_path),
+                    seed=args.seed,
+                    clock_zero=time.monotonic(),
+                )
+                traces[(name, size)] = run_fleet(fleet, plan, slos, run, lambda _: bar.update())
+    finally:
+        bar.close()
+        if server is not None:
+            server.stop()
+    return write_results(args, regime, traces)
+
+
+def warm_up(address, prompt_ids, recordings, identity, args) -> None:
+    """One short session first: the first steps of a fresh engine are slower than the rest."""
+    import grpc
+
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+
+    stub = pb_grpc.WispStub(grpc.insecure_channel(address))
+    for _ in stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt_ids[0], stop=pb.StopCondition(max_new_tokens=8))):
+        pass
+
+
+def run_fleet(fleet: FleetSpec, plan, slos: SloSpec, run: DeviceRun, on_trace) -> list[RequestTrace]:
+    """Every device in its own thread, all at once; returns their traces when the last session ends."""
+    traces: list[RequestTrace] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def collect(trace: RequestTrace) -> None:
+        with lock:
+            traces.append(trace)
+        on_trace(trace)
+
+    threads = [
+        threading.Thread(
+            target=run_device,
+            args=(device, plan[device.device_id], slos.for_class(device.profile.name), run, stop, collect),
+            daemon=True,
+        )
+        for device in fleet.devices
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    finally:
+        stop.set()
+    return traces
+
+
+def regime_label(args: argparse.Namespace) -> str:
+    """Every result says which regime it comes from."""
+    if args.regime == "modeled":
+        return f"modeled GPU: {args.gpu_model} (exact verdicts of {args.target_model}, time from a cost model)"
+    return f"real: {args.target_model} ({args.dtype}) on this host's CPU, {cpu_name()}"
+
+
+def cpu_name() -> str:
+    import os
+    import re
+
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{os.cpu_count()} cores"
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", cpuinfo)]
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(isa)}"
+
+
+def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestTrace]]) -> int:
+    summaries = [metrics.summarize(group, load=size, config=name) for (name, size), group in traces.items()]
+    by_config: dict[str, dict[int, list[RequestTrace]]] = {}
+    for (name, size), group in traces.items():
+        by_config.setdefault(name, {})[size] = group
+    capacity = {
+        name: metrics.capacity({s: metrics.attainment(g) for s, g in groups.items()})
+        for name, groups in by_config.items()
+    }
+    tpot_slos = args.tpot_slos or [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
+    curves = {name: metrics.capacity_curve(groups, tpot_slos) for name, groups in by_config.items()}
+    meta = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
+    payload = report.make_payload(regime, summaries, traces, capacity=capacity, capacity_curves=curves, meta=meta)
+    out = args.output_dir
+    report.write_json(out / "results.json", payload)
+    report.plot_goodput(summaries, out / "goodput.png", regime)
+    report.plot_slo_attainment(summaries, out / "slo_attainment.png", regime)
+    largest = max(args.sizes)
+    report.plot_latency_cdfs(
+        {n: traces[(n, largest)] for n in by_config}, out / "latency_cdf.png", regime, load=largest
+    )
+    report.plot_capacity_curve(curves, out / "capacity_vs_tpot_slo.png", regime)
+    table = report.markdown_table(summaries)
+    (out / "summary.md").write_text(
+        f"{regime}\n\n{table}\n\ncapacity (devices at >= 90% SLO attainment): {json.dumps(capacity)}\n"
+    )
+    print(f"\n{regime}\n\n{table}\n\ncapacity: {capacity}\nresults in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`wisp-bench record`: the target's greedy answers and the draft's chains along them, computed once and cached.
+
+The target answers through the server's own engine (vLLM where installed), with its features, exactly as a
+session would see them; the real drafter (with the edge's prompt lookup) then walks each answer. The result
+is cached under ``$WISP_CACHE_DIR/bench`` by everything it depends on, so a benchmark pays for it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wisp_bench.replay import Recording, load_recordings, record_chains, recording_key, save_recordings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    target_model: str
+    draft_model: str
+    max_new_tokens: int
+    depth: int  # drafts recorded per point: a round's most, plus what pipelining may add
+    dtype: str = "float32"
+    engine: str = "auto"
+    lookup_ngram: int = 4
+    lookup_below: float = 0.5
+
+
+def cache_path(settings: RecordSettings, prompts: list[list[int]]) -> Path:
+    from wisp_common.models import cache_dir
+
+    key = recording_key(settings=vars(settings), prompts=prompts)
+    return cache_dir().parent / "bench" / f"recordings-{key}.json"
+
+
+def record(settings: RecordSettings, prompts: list[list[int]], progress=None) -> list[Recording]:
+    """Recordings for ``prompts`` (token ids), from the cache where they were made before."""
+    path = cache_path(settings, prompts)
+    if path.exists():
+        log.info("recordings from %s", path)
+        return load_recordings(path)
+    from wisp_common.config import EdgeConfig, ServerConfig
+    from wisp_distill.data import answer
+    from wisp_edge.draft_loader import drafter_factory
+    from wisp_edge.lookup import PromptLookup
+    from wisp_server.engines.factory import build_engine
+
+    started = time.monotonic()
+    # The answers run past EOS (as with ignore_eos) so that drafts verified at the very end have a target token.
+    answer_tokens = settings.max_new_tokens + settings.depth + 1
+    engine = build_engine(
+        ServerConfig(
+            target_model=settings.target_model,
+            engine=settings.engine,
+            dtype=settings.dtype,
+            max_sessions=len(prompts),
+            max_context_tokens=max(map(len, prompts)) + answer_tokens + 1,
+            max_batch_tokens=max(4096, max(map(len, prompts)) + 1),
+            max_draft_tokens=1,
+        )
+    )
+    indexed = dict(enumerate(prompts))
+    samples = dict(answer(engine, indexed, answer_tokens, len(prompts), eos=None))
+    lookup = PromptLookup.of(EdgeConfig(lookup_ngram=settings.lookup_ngram, lookup_below=settings.lookup_below))
+    make_drafter = drafter_factory(settings.draft_model, dtype=settings.dtype, lookup=lookup)
+    recordings = []
+    for index, prompt in enumerate(prompts):
+        sample = samples[index]
+        answer_ids = sample.tokens[len(prompt) :].tolist()
+        walked = answer_ids[: settings.max_new_tokens]  # a session never commits past its max_new_tokens
+        chains = record_chains(make_drafter, prompt, walked, sample.features, settings.depth)
+        recordings.append(Recording(list(prompt), answer_ids, chains))
+        if progress is not None:
+            progress(index + 1, len(prompts))
+    save_recordings(path, recordings, vars(settings))
+    log.info("recorded %d prompts in %.0f s into %s", len(prompts), time.monotonic() - started, path)
+    return recordings

@@ -1,0 +1,139 @@
+"""Replayed devices: what the real draft would propose, recorded once along the target's answers, replayed later.
+
+In greedy decoding the committed text is the target's own answer, whatever the drafts. So the draft's
+proposals can be recorded once along that answer: for every point of it, the chain of tokens (and the
+signals the speculation controller reads) that the real drafter, the edge's prompt lookup included, drafts
+right after a verdict has committed the answer up to there. A `ReplayDrafter` then plays the chain of the
+point its session has reached, taking the device profile's time per token, instead of running a model on
+the server's cores. Everything else on the device is the real edge: `EdgeClient`, the controller and its
+pipelining.
+
+Exact where the real drafter's proposals depend only on the committed context, which they do for the
+feature-conditioned draft: after every verdict it keeps only the entries built from the target's features.
+One approximation remains: drafts pipelined past a verdict and kept are followed by the chain of the new
+point, not by what the real drafter would draft on top of those kept drafts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from wisp_common.request import SamplingParams
+from wisp_edge.drafter import Drafter, DraftSignals
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Recording:
+    """A prompt, the target's greedy answer to it, and the drafter's chain after each committed answer prefix.
+
+    ``answer`` runs past the end-of-sequence token (as if EOS were ignored), so that drafts verified at the
+    very end have a recorded target token too. ``chains[i]`` are the drafts (token, signals) proposed once
+    ``prompt + answer[:i]`` is committed; the first is empty for a draft that needs the target's features.
+    """
+
+    prompt: list[int]
+    answer: list[int]
+    chains: list[list[tuple[int, DraftSignals]]]
+
+    def to_json(self) -> dict:
+        chains = [[[token, asdict(signals)] for token, signals in chain] for chain in self.chains]
+        return {"prompt": self.prompt, "answer": self.answer, "chains": chains}
+
+    @classmethod
+    def from_json(cls, record: dict) -> Recording:
+        chains = [[(token, DraftSignals(**signals)) for token, signals in chain] for chain in record["chains"]]
+        return cls(record["prompt"], record["answer"], chains)
+
+
+def record_chains(make_drafter, prompt: Sequence[int], answer: Sequence[int], features: torch.Tensor, depth: int):
+    """The drafter's chain of ``depth`` drafts after each prefix of ``answer``, walking the answer one token at a
+    time as verdicts would commit it, with the target's ``features`` (one row per position of prompt + answer,
+    but the last) arriving as the server sends them."""
+    drafter: Drafter = make_drafter()
+    drafter.start(prompt)
+    chains = []
+    for i, token in enumerate(answer):
+        drafter.draft(depth)
+        chains.append(list(zip(drafter.pending, drafter.signals)))
+        # The verdict commits `token`; it brings the features of every position computed so far but the newest.
+        rows = features[: len(prompt)] if i == 0 else features[len(prompt) + i - 1 : len(prompt) + i]
+        drafter.commit(0, token, rows.float())
+    return chains
+
+
+def recording_key(**settings) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_recordings(path: Path, recordings: list[Recording], settings: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "recordings": [r.to_json() for r in recordings]}
+    path.with_suffix(".tmp").write_text(json.dumps(payload))
+    path.with_suffix(".tmp").replace(path)
+
+
+def load_recordings(path: Path) -> list[Recording]:
+    return [Recording.from_json(r) for r in json.loads(path.read_text())["recordings"]]
+
+
+def write_answers(path: Path, recordings: list[Recording]) -> None:
+    """The target's recorded answers in the modeled engine's format (one JSON line per prompt)."""
+    lines = (json.dumps({"prompt_token_ids": r.prompt, "answer_token_ids": r.answer}) for r in recordings)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+class ReplayDrafter(Drafter):
+    """Plays the recorded chain of the point its session has reached, at ``seconds_per_token`` per draft.
+
+    A drafting step takes the device's time even where the real drafter would be faster or slower here:
+    the profile, not this machine, sets the pace. It sleeps until its own clock's next free moment, so
+    short oversleeps do not add up.
+    """
+
+    def __init__(self, recordings: Sequence[Recording], seconds_per_token: float):
+        super().__init__(SamplingParams())
+        self._by_prompt = {tuple(r.prompt): r for r in recordings}
+        self.seconds_per_token = seconds_per_token
+        self._recording: Recording | None = None
+        self._busy_until = 0.0
+
+    def start(self, context: Sequence[int]) -> None:
+        recording = self._by_prompt.get(tuple(context))
+        if recording is None:
+            raise KeyError("no recording for this prompt: record the workload first (wisp-bench record)")
+        self._recording = recording
+        super().start(context)
+
+    def draft_one(self) -> int | None:
+        assert self._recording is not None
+        point = len(self.tokens) - len(self._recording.prompt)
+        chains = self._recording.chains
+        chain = chains[point] if point < len(chains) else []
+        if len(self.pending) >= len(chain):
+            return None
+        self._busy_until = max(time.monotonic(), self._busy_until) + self.seconds_per_token
+        while (left := self._busy_until - time.monotonic()) > 0:
+            time.sleep(left)
+        token, signals = chain[len(self.pending)]
+        self.pending.append(token)
+        self.signals.append(signals)
+        return token
+
+    def _reset(self) -> None:
+        self._busy_until = 0.0
+
+    def _next_logits(self):  # never called: `draft_one` replays instead of computing
+        raise NotImplementedError
+
+    def _sync(self, features: torch.Tensor | None) -> None:
+        """Nothing to drop: the next chain is chosen by the point the session has reached."""
