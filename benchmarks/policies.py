@@ -42,6 +42,7 @@ from pathlib import Path
 
 from benchmarks.common import add_common_options
 from benchmarks.report import print_table, save_plot, write_json
+from wisp_bench.server_metrics import scrape
 
 CONFIGS = ("wisp", "sled", "fcfs", "centralized")
 
@@ -53,20 +54,6 @@ class Request:
     tpot: float
     wall: float
     stats: dict | None = None  # the edge's GenerationStats summary (speculative configurations)
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The server's metrics, read by Prometheus' own parser (sums over label values)."""
-    from urllib.request import urlopen
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
-    return totals
 
 
 def grpc_floor(address: str, calls: int = 200) -> float:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wisp_server.engines.base import RoundRequest
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features
-from wisp_server.scheduler import BatchLimits, FCFSPolicy, PendingRound, SchedulingPolicy, SLEDPolicy, WispPolicy
+from wisp_server.scheduler import (
+    BatchLimits,
+    ExpectedRound,
+    FCFSPolicy,
+    PendingRound,
+    SchedulingPolicy,
+    SLEDPolicy,
+    WispPolicy,
+)
 
 TRUE_COEF = np.array([0.004, 0.0008, 0.0003, 0.0002, 0.00005])  # launch, sequence, token, attention, prefill
 
@@ -187,3 +196,61 @@ def test_a_sequence_costs_the_same_in_any_batch():
         batch, extra = random_shapes(rng), SequenceShape(rng.randrange(0, 2000), rng.randrange(1, 9))
         added = ESTIMATOR.estimate([*batch, extra]) - ESTIMATOR.estimate(batch)
         assert abs(added - ESTIMATOR.sequence_cost(extra)) < 1e-9
+
+
+def round_of(deadline: float = float("inf"), session: str = "s") -> PendingRound:
+    return PendingRound(RoundRequest(session, ()), SequenceShape(100, 1), deadline, 1.0, 0.0)
+
+
+def due(at: float, turnaround: float = 0.0) -> ExpectedRound:
+    return ExpectedRound(at, turnaround, SequenceShape(100, 1), 1.0)
+
+
+def test_wisp_holds_a_batch_for_rounds_due_sooner_than_a_batch_of_their_own_would_cost():
+    policy = WispPolicy(BatchLimits(16, 1024), ESTIMATOR)
+    waiting = [round_of() for _ in range(4)]
+    launch = ESTIMATOR.coefficients["launch"]  # what a separate batch costs on top of its members: ~4 ms
+    assert policy.select(waiting, 0.0, [due(0.3 * launch), due(0.6 * launch)]) == []
+    assert policy.retry_after(waiting, 0.0) == pytest.approx(0.6 * launch)  # until the last of them is due
+    assert policy.select(waiting, 0.0, [due(2 * launch)]) == waiting  # too far off: launch now
+    assert policy.select(waiting, 0.0, [due(0.3 * launch, 2 * launch)]) == waiting  # half batches interleave better
+    assert policy.select(waiting, 0.0) == waiting  # nothing expected: launch now
+    full = WispPolicy(BatchLimits(4, 1024), ESTIMATOR)
+    assert full.select(waiting, 0.0, [due(0.3 * launch)]) == waiting  # no room for it anyway
+    tight = [round_of(deadline=ESTIMATOR.estimate([r.shape for r in waiting]) + 0.2 * launch), *waiting[1:]]
+    assert policy.select(tight, 0.0, [due(0.3 * launch)]) == tight  # holding would miss a member's deadline
+
+
+@pytest.mark.parametrize("turnaround_in_launches", [0.5, 2.0])
+def test_holding_for_returning_sessions_ends_half_batches_where_that_pays(turnaround_in_launches):
+    """Sessions come back a turnaround after their verdict. Launching whatever waits splits them into two halves
+    that alternate. Where the turnaround is shorter than the launch cost a half batch adds, whole batches commit
+    more per second, and the scheduler holds for the returners; where it is longer, half batches interleave
+    better, and it does not. A small event simulation of 8 sessions, with and without the server knowing when
+    they return."""
+    turnaround = turnaround_in_launches * ESTIMATOR.coefficients["launch"]
+
+    def simulate(knows_returns: bool) -> tuple[float, float]:
+        policy, now, sizes = WispPolicy(BatchLimits(16, 1024), ESTIMATOR), 0.0, []
+        ready = {f"s{i}": 0.0005 * i for i in range(8)}  # when each session's round arrives
+        while len(sizes) < 200:
+            waiting = [round_of(session=s) for s, t in ready.items() if t <= now]
+            expected = [due(t, turnaround) for t in ready.values() if t > now] if knows_returns else []
+            batch = policy.select(waiting, now, expected) if waiting else []
+            if not batch:
+                arrivals = [t for t in ready.values() if t > now]
+                now = min([*arrivals, now + policy.retry_after(waiting, now)]) if waiting else min(arrivals)
+                continue
+            now += ESTIMATOR.estimate([p.shape for p in batch])
+            sizes.append(len(batch))
+            for p in batch:
+                ready[p.request.session_id] = now + turnaround
+        return sum(sizes) / len(sizes), sum(sizes) / now
+
+    blind_size, blind_rate = simulate(False)
+    knowing_size, knowing_rate = simulate(True)
+    if turnaround_in_launches < 1:
+        assert blind_size < 6 and knowing_size > 7.5  # halves, then whole batches
+        assert knowing_rate > 1.1 * blind_rate  # tokens per second
+    else:
+        assert knowing_rate >= 0.99 * blind_rate  # never worse

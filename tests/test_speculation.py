@@ -148,7 +148,7 @@ def generate_at_once(address: str, drafts: list[str], tokenizer, adaptive: bool,
     def run(i: int) -> None:
         client = make_client(address, drafts[i], tokenizer)
         client.speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor()) if adaptive else FixedLength
-        client.pipeline = pipeline
+        client.pipeline, client.server_decoding = pipeline, adaptive  # WISP's edges let the server decode
         if i == len(PROMPTS) - 1:  # the unrelated draft's session takes every token the prompt lookup proposes
             client.drafter.lookup = PromptLookup(max_ngram=4, below=1.01)
         results[i] = client.generate(PROMPTS[i], max_new_tokens=40, draft_tokens=5, ignore_eos=True, slo=slo)
@@ -184,6 +184,25 @@ def test_every_policy_and_controller_setting_is_lossless(
                 assert stats[0].accepted > 0 and stats[2].accepted < stats[2].sent
             if pipeline:
                 assert stats[0].pipelined_kept > 0  # the bonus token was guessed
+
+
+def test_where_no_draft_pays_the_server_decodes_the_session_itself_losslessly(
+    tiny_pair, target_model, smollm2_tokenizer
+):
+    """A server that verifies no drafts suggests none: an edge that accepts server decoding gets every token after
+    the first verdict without a round trip, the target's own; one that does not keeps sending empty rounds."""
+    with running_server(tiny_pair[0], engine="hf", max_draft_tokens=0) as server:
+        for accepts in (True, False):
+            client = make_client(f"127.0.0.1:{server.port}", tiny_pair[1], smollm2_tokenizer)
+            client.speculation, client.server_decoding = AdaptiveSpeculation.mode_with(AcceptancePredictor()), accepts
+            result = client.generate(PROMPTS[0], max_new_tokens=24, draft_tokens=4, ignore_eos=True)
+            assert result.token_ids == reference_greedy(target_model, PROMPTS[0], 24)
+            stats = result.stats
+            assert stats.sent == 0
+            if accepts:
+                assert (stats.server_decoded, stats.rounds) == (23, 1)
+            else:
+                assert (stats.server_decoded, stats.rounds) == (0, 24)
 
 
 @pytest.mark.gpu

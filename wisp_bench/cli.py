@@ -22,6 +22,7 @@ from wisp_bench import metrics, report
 from wisp_bench.devices import CONFIGURATIONS, Configuration, DeviceRun, run_device
 from wisp_bench.record import RecordSettings, record
 from wisp_bench.replay import Recording, write_answers
+from wisp_bench.server_metrics import during, scrape
 from wisp_bench.trace import RequestTrace
 from wisp_bench.workload import FleetSpec, SloSpec, closed_loop_plan, load_workload_prompts
 from wisp_common.config import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -73,24 +74,32 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--fleet", default="laptop:1", help="device classes and their mix, e.g. laptop:1,jetson-orin-nano:2"
     )
-    run.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="fleet sizes to measure")
+    run.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="fleet sizes (default: real 1 2 4 8; modeled 4 8 16 32)"
+    )
     run.add_argument("--sessions-per-device", type=int, default=3, help="sessions each device runs, back to back")
     run.add_argument("--think", type=float, default=0.0, help="mean seconds a device pauses between sessions")
     run.add_argument(
         "--slo",
-        default="default=2.0/0.1",
-        help="TTFT/TPOT seconds per device class, e.g. default=2.0/0.1,jetson-orin-nano=3.0/0.15",
+        default=None,
+        help="TTFT/TPOT seconds per device class, e.g. default=2.0/0.1,jetson-orin-nano=3.0/0.15 (default: real "
+        "2.0/0.25, the edge's own; modeled 1.0/0.05, about a decode step of the modeled GPU plus the network)",
     )
     run.add_argument(
         "--tpot-slos",
         type=float,
         nargs="+",
         default=None,
-        help="TPOT SLOs (s) for the capacity curve (default: 0.5x to 3x a batch-1 decode step)",
+        help="TPOT SLOs (s) for the capacity curve (default: 0.5x to 3x the median TPOT of centralized serving at "
+        "the smallest fleet, about a batch-1 decode step)",
     )
     run.add_argument("--output-dir", type=Path, default=RESULTS)
     record_command = commands.add_parser("record", help="record the workload once (it is cached)")
     add_workload_arguments(record_command)
+    validate = commands.add_parser("validate", help="replayed devices against real edge processes, same prompts")
+    add_workload_arguments(validate)
+    validate.add_argument("--edges", type=int, default=2, help="real edge processes, and as many replayed devices")
+    validate.add_argument("--output-dir", type=Path, default=RESULTS)
     compare = commands.add_parser("compare", help="two runs' headline figures side by side, with ratios")
     compare.add_argument("a", type=Path)
     compare.add_argument("b", type=Path)
@@ -101,10 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             report.print_compare(args.a, args.b)
             return 0
+        if args.command == "run":
+            args.sizes = args.sizes or ([1, 2, 4, 8] if args.regime == "real" else [4, 8, 16, 32])
+            args.slo = args.slo or ("default=2.0/0.25" if args.regime == "real" else "default=1.0/0.05")
         prompts, prompt_ids, recordings = prepare(args)
         if args.command == "record":
             print(f"{len(recordings)} prompts recorded")
             return 0
+        if args.command == "validate":
+            return run_validation(args, prompts, prompt_ids, recordings)
         return sweep(args, prompts, prompt_ids, recordings)
     except KeyboardInterrupt:
         print("\nwisp-bench: interrupted", file=sys.stderr)
@@ -153,8 +167,7 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     from tqdm import tqdm
 
     from wisp_common.eagle import is_eagle_model
-    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.models import resolve_model
     from wisp_edge.controller import AcceptancePredictor
     from wisp_server.launcher import ServerProcess
 
@@ -163,27 +176,25 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     write_answers(answers, recordings)
     fleet_spec = FleetSpec.parse(args.fleet)
     slos = SloSpec.parse(args.slo, known={name for name, _ in fleet_spec.classes})
-    tokenizer = load_tokenizer(args.draft_model)
     draft_path = resolve_model(args.draft_model)
-    identity = pb.ModelIdentity(
-        name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
-    )
+    identity = draft_identity(args.draft_model)
     regime = regime_label(args)
     traces: dict[tuple[str, int], list[RequestTrace]] = {}
+    server_figures: dict[str, dict] = {}  # per "config/size": what the server saw (batch sizes, estimator error)
     total = len(args.configs) * sum(args.sizes) * args.sessions_per_device
     bar = tqdm(total=total, desc="sessions", unit="session")
-    server = None
+    server, server_policy = None, None
     try:
         for name in args.configs:
             configuration = CONFIGURATIONS[name]
             for size in args.sizes:
-                if server is None or configuration.policy == "sled" or server.policy != configuration.policy:
+                if server is None or configuration.policy == "sled" or server_policy != configuration.policy:
                     if server is not None:
                         server.stop()
                     bar.set_postfix_str(f"starting a server for {name}")
                     server = ServerProcess(server_args(args, configuration, size, answers), log_prefix=None)
-                    server.policy = configuration.policy
-                    warm_up(server.address, prompt_ids, recordings, identity, args)
+                    server_policy = configuration.policy
+                    warm_up(server.address, prompt_ids)
                 bar.set_postfix_str(f"{name}, {size} devices")
                 fleet = scaled_fleet(fleet_spec, size)
                 plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
@@ -200,15 +211,17 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
                     seed=args.seed,
                     clock_zero=time.monotonic(),
                 )
+                before = scrape(server.metrics_port)
                 traces[(name, size)] = run_fleet(fleet, plan, slos, run, lambda _: bar.update())
+                server_figures[f"{name}/{size}"] = during(before, scrape(server.metrics_port))
     finally:
         bar.close()
         if server is not None:
             server.stop()
-    return write_results(args, regime, traces)
+    return write_results(args, regime, traces, server_figures)
 
 
-def warm_up(address, prompt_ids, recordings, identity, args) -> None:
+def warm_up(address: str, prompt_ids: list[list[int]]) -> None:
     """One short session first: the first steps of a fresh engine are slower than the rest."""
     import grpc
 
@@ -218,6 +231,24 @@ def warm_up(address, prompt_ids, recordings, identity, args) -> None:
     stub = pb_grpc.WispStub(grpc.insecure_channel(address))
     for _ in stub.Generate(pb.GenerateRequest(prompt_token_ids=prompt_ids[0], stop=pb.StopCondition(max_new_tokens=8))):
         pass
+
+
+def server_table(server: dict[str, dict]) -> str:
+    """What the server saw at each point: its batches and its estimator's error."""
+    rows = [
+        "| config/devices | batches | mean batch | mean verify ms | mean queue ms | estimator MAPE % |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point, f in server.items():
+        cells = [
+            f["batches"],
+            f["mean_batch_size"],
+            f["mean_verify_ms"],
+            f["mean_queue_ms"],
+            f["estimator_mape_percent"],
+        ]
+        rows.append(f"| {point} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
+    return "\n".join(rows)
 
 
 def run_fleet(fleet: FleetSpec, plan, slos: SloSpec, run: DeviceRun, on_trace) -> list[RequestTrace]:
@@ -249,6 +280,66 @@ def run_fleet(fleet: FleetSpec, plan, slos: SloSpec, run: DeviceRun, on_trace) -
     return traces
 
 
+def run_validation(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording]) -> int:
+    """Real edges and replayed devices side by side against one real server; a table and a JSON."""
+    import tempfile
+
+    from wisp_bench.profiles import profile
+    from wisp_bench.validate import validate
+    from wisp_common.eagle import is_eagle_model
+    from wisp_common.models import resolve_model
+    from wisp_edge.controller import AcceptancePredictor
+    from wisp_server.launcher import ServerProcess
+
+    draft_path = resolve_model(args.draft_model)
+    server = ["--target-model", args.target_model, "--dtype", args.dtype, "--engine", args.engine]
+    server += ["--max-draft-tokens", str(2 * args.draft_tokens)]
+    with ServerProcess(server, log_prefix=None) as process, tempfile.TemporaryDirectory() as workdir:
+        warm_up(process.address, prompt_ids)
+        comparisons = validate(
+            process.address,
+            [p.text for p in prompts],
+            prompt_ids,
+            recordings,
+            draft_identity(args.draft_model),
+            args.draft_model,
+            AcceptancePredictor.beside(draft_path),
+            args.draft_tokens,
+            args.max_new_tokens,
+            profile("laptop").draft_seconds_per_token,  # this host is the laptop profile's
+            is_eagle_model(draft_path),
+            Path(workdir),
+            edges=args.edges,
+        )
+    rows = [c.summary() for c in comparisons]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(args.output_dir / "validation.json", {"command": " ".join(sys.argv), "comparisons": rows})
+    print(
+        "| mode | prompts | identical (tokens, rounds, accepted) | same tokens | acceptance real / replayed | "
+        "tokens per round real / replayed | difference |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['mode']} | {r['prompts']} | {r['identical']} | {r['same_tokens']} | "
+            f"{r['acceptance_real']:.3f} / {r['acceptance_replayed']:.3f} | "
+            f"{r['tokens_per_round_real']:.3f} / {r['tokens_per_round_replayed']:.3f} | "
+            f"{100 * r['tokens_per_round_difference']:+.1f}% |"
+        )
+    return 0
+
+
+def draft_identity(draft_model: str):
+    """What the real edge tells the server about its draft."""
+    from wisp_common.models import load_tokenizer, tokenizer_fingerprint
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+
+    tokenizer = load_tokenizer(draft_model)
+    return pb.ModelIdentity(
+        name=draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
+    )
+
+
 def regime_label(args: argparse.Namespace) -> str:
     """Every result says which regime it comes from."""
     if args.regime == "modeled":
@@ -269,7 +360,14 @@ def cpu_name() -> str:
     return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(isa)}"
 
 
-def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestTrace]]) -> int:
+def default_tpot_slos(by_config: dict[str, dict[int, list[RequestTrace]]], smallest: int) -> list[float]:
+    """From below a batch-1 decode step (centralized serving's median TPOT at the smallest fleet) to 3x it."""
+    alone = [metrics.tpot(t) for t in by_config.get("centralized", {}).get(smallest, []) if t.output_tokens >= 2]
+    step = sorted(alone)[len(alone) // 2] if alone else 0.1
+    return [round(step * f, 4) for f in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)]
+
+
+def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestTrace]], server: dict) -> int:
     summaries = [metrics.summarize(group, load=size, config=name) for (name, size), group in traces.items()]
     by_config: dict[str, dict[int, list[RequestTrace]]] = {}
     for (name, size), group in traces.items():
@@ -278,9 +376,14 @@ def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestT
         name: metrics.capacity({s: metrics.attainment(g) for s, g in groups.items()})
         for name, groups in by_config.items()
     }
-    tpot_slos = args.tpot_slos or [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3]
+    tpot_slos = args.tpot_slos or default_tpot_slos(by_config, min(args.sizes))
     curves = {name: metrics.capacity_curve(groups, tpot_slos) for name, groups in by_config.items()}
-    meta = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
+    meta = {
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "args": vars(args),
+        "server": server,
+    }
     payload = report.make_payload(regime, summaries, traces, capacity=capacity, capacity_curves=curves, meta=meta)
     out = args.output_dir
     report.write_json(out / "results.json", payload)
@@ -290,8 +393,9 @@ def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestT
     report.plot_latency_cdfs(
         {n: traces[(n, largest)] for n in by_config}, out / "latency_cdf.png", regime, load=largest
     )
-    report.plot_capacity_curve(curves, out / "capacity_vs_tpot_slo.png", regime)
-    table = report.markdown_table(summaries)
+    operating = SloSpec.parse(args.slo).default.tpot_seconds  # the SLO the run was judged by: a user's pick
+    report.plot_capacity_curve(curves, out / "capacity_vs_tpot_slo.png", regime, operating_slo=operating)
+    table = report.markdown_table(summaries) + "\n\n" + server_table(server)
     (out / "summary.md").write_text(
         f"{regime}\n\n{table}\n\ncapacity (devices at >= 90% SLO attainment): {json.dumps(capacity)}\n"
     )

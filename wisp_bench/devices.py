@@ -84,7 +84,10 @@ def run_device(
         else:
             speculation = FixedLength
         info = pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name)
-        client = EdgeClient(channel, drafter, run.identity, info, speculation, pipeline=run.configuration.pipeline)
+        adaptive = (
+            run.configuration.speculation == "adaptive"
+        )  # WISP's edges let the server decode where drafts don't pay
+        client = EdgeClient(channel, drafter, run.identity, info, speculation, run.configuration.pipeline, adaptive)
     stub = pb_grpc.WispStub(channel)
     try:
         for session in sessions:
@@ -122,7 +125,7 @@ def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, 
     )
     stats = result.stats
     trace.rounds, trace.drafted, trace.sent, trace.accepted = stats.rounds, stats.drafted, stats.sent, stats.accepted
-    trace.idle_seconds = stats.idle_seconds
+    trace.idle_seconds, trace.server_decoded = stats.idle_seconds, stats.server_decoded
 
 
 def _generate(stub: pb_grpc.WispStub, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:

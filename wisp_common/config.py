@@ -76,6 +76,9 @@ class EdgeConfig:
     )
     lookup_below: float = _opt(0.5, "prompt lookup: replaces only drafts whose top-1 probability is below this")
     pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
+    server_decoding: bool = _opt(
+        True, "adaptive: where no draft pays at the server's load, let it decode the session itself (no round trips)"
+    )
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")

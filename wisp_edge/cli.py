@@ -75,7 +75,8 @@ def build_client(config: EdgeConfig):
         speculation = AdaptiveSpeculation.mode_with(predictor, config.min_run_probability)
     else:
         speculation = FixedLength
-    client = EdgeClient(channel, drafter, identity, device, speculation, pipeline=config.pipeline)
+    server_decoding = config.speculation == "adaptive" and config.server_decoding
+    client = EdgeClient(channel, drafter, identity, device, speculation, config.pipeline, server_decoding)
     return client, tokenizer
 
 
@@ -146,6 +147,7 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
         prompts = training_prompts(args.limit, seed=1)
     client, tokenizer = build_client(config)
     client.speculation, client.pipeline, client.round_log = FixedLength, False, []  # long rounds: labels deep in them
+    client.server_decoding = False
     for index, prompt in enumerate(prompts):
         result = generate_one(client, tokenizer, config, prompt)
         summary = {"finish_reason": result.finish_reason, **result.stats.summary()}

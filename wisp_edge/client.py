@@ -35,6 +35,7 @@ class GenerationStats:
     accepted: int = 0
     pipelined: int = 0  # drafted while a round was out
     pipelined_kept: int = 0  # of those, still valid after the verdict
+    server_decoded: int = 0  # tokens the server decoded on its own, where no draft paid
     generated: int = 0
     ttft_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -71,6 +72,7 @@ class GenerationStats:
             "wasted_drafts": self.wasted,
             "pipelined": self.pipelined,
             "pipelined_kept": self.pipelined_kept,
+            "server_decoded": self.server_decoded,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "tokens_per_round": round(self.tokens_per_round, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -102,13 +104,16 @@ class EdgeClient:
         device: pb.DeviceInfo | None = None,
         speculation: SpeculationMode = FixedLength,
         pipeline: bool = False,
+        server_decoding: bool = False,
     ):
+        """``server_decoding``: let the server decode the session itself where no draft pays at its load."""
         self.stub = pb_grpc.WispStub(channel)
         self.drafter = drafter
         self.draft_identity = draft_identity
         self.device = device or pb.DeviceInfo()
         self.speculation = speculation
         self.pipeline = pipeline
+        self.server_decoding = server_decoding
         # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
         self.round_log: list[tuple[list, int, int]] | None = None
 
@@ -144,6 +149,7 @@ class EdgeClient:
                         slo=slo.to_proto(),
                         device=self.device,
                         return_features=self.drafter.wants_features,
+                        accept_server_decoding=self.server_decoding,
                     )
                 )
             )
@@ -153,23 +159,29 @@ class EdgeClient:
             self.drafter.start(prompt_ids)
             generated: list[int] = []
             position = opened.position
+            server_decoding = False  # the server is decoding on its own: its verdicts come without rounds
             while True:
                 room = max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
-                count = self._round_length(controller, timing, room, stats)
+                count = 0 if server_decoding else self._round_length(controller, timing, room, stats)
                 drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
-                requests.put(
-                    pb.SpeculateRequest(draft=pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts))
-                )
+                if not server_decoding:
+                    round_ = pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts)
+                    requests.put(pb.SpeculateRequest(draft=round_))
                 sent_at, pipelined = time.monotonic(), stats.pipelined
                 arrived, response = self._await_verdict(inbox, controller, count, room, stats)
                 verdict, pipelined = response.verdict, stats.pipelined - pipelined
-                # Up to the verdict's arrival: a draft step that was running then is the edge's time, not the trip's.
-                stats.round_trip_seconds += arrived - sent_at
-                round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
-                timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
+                decoded_by_server = server_decoding
+                if decoded_by_server:
+                    stats.server_decoded += verdict.HasField("next_token")
+                else:
+                    # Up to the verdict's arrival: a draft step running then is the edge's time, not the trip's.
+                    stats.round_trip_seconds += arrived - sent_at
+                    round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
+                    timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
+                    controller.observe(signals, count, verdict.num_accepted)
                 timing.queue, timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
                 timing.suggested_drafts = verdict.hints.suggested_draft_tokens
-                controller.observe(signals, count, verdict.num_accepted)
+                server_decoding = verdict.server_decoding
 
                 next_token = verdict.next_token if verdict.HasField("next_token") else None
                 features = decode_features(verdict.features) if verdict.HasField("features") else None
@@ -182,7 +194,7 @@ class EdgeClient:
                     stats.ttft_seconds = time.monotonic() - started
                 generated += committed
                 position = verdict.position
-                stats.rounds += 1
+                stats.rounds += not decoded_by_server  # verification rounds: the server's own steps are not
                 stats.sent += count
                 stats.accepted += verdict.num_accepted
                 stats.server_queue_seconds += verdict.timings.queue_seconds

@@ -27,6 +27,11 @@ class ServerMetrics:
         self.draft_tokens = Counter("wisp_draft_tokens_total", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens_total", "Draft tokens accepted", registry=r)
         self.output_tokens = Counter("wisp_output_tokens_total", "Tokens committed to outputs", registry=r)
+        self.server_decoded_tokens = Counter(
+            "wisp_server_decoded_tokens_total",
+            "Tokens of Speculate sessions the server decoded on its own, where no draft paid",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "wisp_batch_size", "Sessions per verification batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
         )

@@ -17,7 +17,12 @@ same code paths as WISP:
   are waiting or the oldest has waited a fixed window, then take them in order;
 * `wisp`: SLO-aware. Least slack first among the urgent, then fill by
   expected committed tokens per unit of estimated time, and launch only a
-  batch the estimator says finishes inside its members' deadlines.
+  batch the estimator says finishes inside its members' deadlines. It also
+  knows when each session's next round should be back (its verdict's send
+  time plus the session's usual turnaround: network and drafting) and holds a
+  batch for rounds due sooner than the separate batch they would otherwise
+  need would cost: without that, sessions settle into alternating half
+  batches, and a half batch costs nearly a full one.
 """
 
 from __future__ import annotations
@@ -63,6 +68,17 @@ class PendingRound:
 
 
 @dataclass(frozen=True)
+class ExpectedRound:
+    """A session's next round, not arrived yet: when it should, and what it will bring."""
+
+    at: float  # monotonic time it is expected to arrive
+    turnaround: float  # the session's usual time from its verdict's sending to its next round's arrival
+    shape: SequenceShape
+    expected_tokens: float
+    deadline: float = float("inf")
+
+
+@dataclass(frozen=True)
 class RoundResult:
     verification: RoundVerdict
     queue_seconds: float
@@ -88,8 +104,12 @@ class SchedulingPolicy(ABC):
         self.estimator = estimator
 
     @abstractmethod
-    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
-        """A subset of ``waiting`` within the limits; empty means "not yet": ask again after `retry_after`."""
+    def select(
+        self, waiting: Sequence[PendingRound], now: float, expected: Sequence[ExpectedRound] = ()
+    ) -> list[PendingRound]:
+        """A subset of ``waiting`` within the limits; empty means "not yet": ask again after `retry_after`.
+
+        ``expected``: the rounds of sessions that are not waiting but should be back soon."""
 
     def retry_after(self, waiting: Sequence[PendingRound], now: float) -> float:
         return 0.001
@@ -98,7 +118,9 @@ class SchedulingPolicy(ABC):
 class FCFSPolicy(SchedulingPolicy):
     name = "fcfs"
 
-    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+    def select(
+        self, waiting: Sequence[PendingRound], now: float, expected: Sequence[ExpectedRound] = ()
+    ) -> list[PendingRound]:
         batch: list[PendingRound] = []
         for pending in sorted(waiting, key=lambda p: p.arrival):
             if not within_limits(batch, pending, self.limits):
@@ -116,7 +138,9 @@ class SLEDPolicy(FCFSPolicy):
         super().__init__(limits, estimator)
         self.window = window
 
-    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+    def select(
+        self, waiting: Sequence[PendingRound], now: float, expected: Sequence[ExpectedRound] = ()
+    ) -> list[PendingRound]:
         oldest = min(p.arrival for p in waiting)
         if len(waiting) < self.limits.max_sessions and now - oldest < self.window:
             return []
@@ -153,8 +177,53 @@ class WispPolicy(SchedulingPolicy):
         super().__init__(limits, estimator)
         self.urgency = urgency
         self.max_wait = max_wait
+        self._hold_until: float | None = None  # the batch chosen last is held until then for rounds due back
 
-    def select(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
+    def select(
+        self, waiting: Sequence[PendingRound], now: float, expected: Sequence[ExpectedRound] = ()
+    ) -> list[PendingRound]:
+        batch = self._batch(waiting, now)
+        self._hold_until = self._hold(batch, now, expected)
+        return [] if self._hold_until is not None else batch
+
+    def retry_after(self, waiting: Sequence[PendingRound], now: float) -> float:
+        return (
+            max(0.0005, self._hold_until - now) if self._hold_until is not None else super().retry_after(waiting, now)
+        )
+
+    def _hold(self, batch: list[PendingRound], now: float, expected: Sequence[ExpectedRound]) -> float | None:
+        """When to launch ``batch`` instead of now, or None for now.
+
+        A round that misses the batch needs a batch of its own, which costs the launch again; a round the
+        batch waits for costs the wait. Waiting for everyone also means everyone goes out together, so the
+        engine idles a whole turnaround every cycle, where half batches would have interleaved. So the batch
+        waits for a round only if both the wait and the round's turnaround cost less than the launch saved
+        (nearly a whole step on a GPU reading its weights, much of one on these CPUs), and only while every
+        on-time member and joiner still finishes by its deadline and the limits hold.
+        """
+        if not batch or not expected:
+            return None
+        estimate = self.estimator.estimate
+        shapes = [p.shape for p in batch]
+        alone = estimate(shapes)
+        deadlines = [p.deadline for p in batch]
+        tokens = sum(p.shape.new_tokens for p in batch)
+        joining: list[ExpectedRound] = []
+        for due in sorted((e for e in expected if e.at >= now), key=lambda e: e.at):
+            tokens += due.shape.new_tokens
+            if len(shapes) + len(joining) + 1 > self.limits.max_sessions or tokens > self.limits.max_tokens:
+                break
+            extra = [e.shape for e in joining] + [due.shape]
+            together = estimate(shapes + extra)
+            if max(due.at - now, due.turnaround) >= alone + estimate(extra) - together:
+                break  # waiting costs more than a batch of its own
+            finish = due.at + together
+            if any(now <= deadline < finish for deadline in [*deadlines, *(e.deadline for e in joining), due.deadline]):
+                break
+            joining.append(due)
+        return joining[-1].at if joining else None
+
+    def _batch(self, waiting: Sequence[PendingRound], now: float) -> list[PendingRound]:
         estimate, cost = self.estimator.estimate, self.estimator.sequence_cost
         starving = sorted((p for p in waiting if now - p.arrival >= self.max_wait), key=lambda p: p.arrival)
         urgent = sorted(
@@ -200,6 +269,7 @@ class BatchScheduler:
         self.estimator = estimator
         self.metrics = metrics or ServerMetrics()
         self._waiting: list[PendingRound] = []
+        self._expected: dict[str, ExpectedRound] = {}  # by session: rounds due back soon
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="wisp-engine", daemon=True)
@@ -218,8 +288,17 @@ class BatchScheduler:
             if self._stopped:
                 raise SchedulerStopped("the server is shutting down")
             self._waiting.append(pending)
+            self._expected.pop(pending.request.session_id, None)
             self._cond.notify()
         return pending.future
+
+    def expect(self, session_id: str, expected: ExpectedRound | None) -> None:
+        """When a session's next round should arrive (None: it will not, e.g. it ended)."""
+        with self._cond:
+            if expected is None:
+                self._expected.pop(session_id, None)
+            else:
+                self._expected[session_id] = expected
 
     def waiting_shapes(self) -> list[SequenceShape]:
         with self._cond:
@@ -231,7 +310,7 @@ class BatchScheduler:
                 while not self._stopped:
                     if self._waiting:
                         now = time.monotonic()
-                        batch = self.policy.select(self._waiting, now)
+                        batch = self.policy.select(self._waiting, now, list(self._expected.values()))
                         if batch:
                             choosing = time.monotonic() - now
                             break

@@ -25,7 +25,7 @@ from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
-from wisp_server.scheduler import BatchScheduler, PendingRound, SchedulerStopped
+from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, SchedulerStopped
 from wisp_server.session import Session
 from wisp_server.speculation_length import goodput_optimal_drafts
 
@@ -65,7 +65,7 @@ class WispService(pb_grpc.WispServicer):
     def Speculate(
         self, request_iterator: Iterator[pb.SpeculateRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SpeculateResponse]:
-        session = None
+        session, in_flight = None, None  # in_flight: a step the server queued on its own for the session
         try:
             first = next(request_iterator, None)
             if first is None or first.WhichOneof("kind") != "open":
@@ -92,19 +92,47 @@ class WispService(pb_grpc.WispServicer):
                         f"session {session.session_id} is already open; send `draft` or `close`",
                     )
                 pending = self._submit_round(session, message.draft)
-                try:
-                    verdict = self._verdict(session, message.draft.round, pending)
-                    yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
-                finally:
-                    pending.handled.set()
-                if verdict.finished:
-                    return
+                session.round_arrived(pending.arrival)
+                round_number = message.draft.round
+                while pending is not None:  # the edge's round, then those the server decodes on its own
+                    try:
+                        verdict = self._verdict(session, round_number, pending)
+                        if self._decodes_itself(session, verdict, context):
+                            # Queued before the verdict is sent, so the next batch has it, as Generate does.
+                            verdict.server_decoding, in_flight = True, self._queue_decode_step(session)
+                        yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
+                    finally:
+                        pending.handled.set()
+                    if verdict.finished:
+                        return
+                    if round_number != message.draft.round:
+                        self.metrics.server_decoded_tokens.inc(verdict.HasField("next_token"))
+                    pending, in_flight, round_number = in_flight, None, round_number + 1
+                session.verdict_sent_at = time.monotonic()
+                if session.turnaround is not None:  # the scheduler may hold a batch for this session's next round
+                    self.scheduler.expect(session.session_id, self._next_round(session))
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
         finally:
+            self._settle(in_flight)
             if session is not None:
                 self._close(session)
+
+    def _decodes_itself(self, session: Session, verdict: pb.Verdict, context: grpc.ServicerContext) -> bool:
+        """Whether the server decodes the session's next token itself: no draft pays at this load, and the edge
+        said it accepts that. It saves the session a round trip per token until drafting pays again."""
+        return (
+            session.accept_server_decoding and session.next_drafts == 0 and not verdict.finished and context.is_active()
+        )
+
+    @staticmethod
+    def _settle(in_flight: PendingRound | None) -> None:
+        """A step queued for a client that left ends before its session does."""
+        if in_flight is not None:
+            with contextlib.suppress(Exception):
+                in_flight.future.result()
+            in_flight.handled.set()
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """Target-only autoregressive decoding: every round is an empty draft."""
@@ -135,10 +163,7 @@ class WispService(pb_grpc.WispServicer):
             self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
         finally:
-            if in_flight is not None:  # a step queued for a client that left: it ends before its session does
-                with contextlib.suppress(Exception):
-                    in_flight.future.result()
-                in_flight.handled.set()
+            self._settle(in_flight)
             if session is not None:
                 self._close(session)
 
@@ -162,7 +187,7 @@ class WispService(pb_grpc.WispServicer):
                 f"{draft.tokenizer_fingerprint!r} but target {target.model_name!r} has "
                 f"{target.tokenizer_fingerprint!r}; use a draft that shares the target's tokenizer",
             )
-        return self._start_session(
+        session = self._start_session(
             list(open_msg.prompt_token_ids),
             list(open_msg.committed_token_ids),
             open_msg.sampling,
@@ -170,6 +195,8 @@ class WispService(pb_grpc.WispServicer):
             open_msg.slo,
             features=open_msg.return_features,
         )
+        session.accept_server_decoding = open_msg.accept_server_decoding
+        return session
 
     def _start_session(
         self,
@@ -229,7 +256,17 @@ class WispService(pb_grpc.WispServicer):
         self.metrics.sessions.inc()
         return session
 
+    def _next_round(self, session: Session) -> ExpectedRound:
+        return ExpectedRound(
+            at=session.verdict_sent_at + session.turnaround,
+            turnaround=session.turnaround,
+            shape=SequenceShape(len(session.context) - 1, 1 + session.next_drafts),
+            expected_tokens=session.expected_tokens(session.next_drafts),
+            deadline=session.deadline,
+        )
+
     def _close(self, session: Session) -> None:
+        self.scheduler.expect(session.session_id, None)
         with self._lock:
             self._sessions.pop(session.session_id, None)
             self.metrics.sessions_active.set(len(self._sessions))

@@ -39,6 +39,16 @@ class Session:
     drafted: int = 0
     accepted: int = 0
     next_drafts: int = 0  # the drafts its last hint suggested: its expected share of the next batch
+    accept_server_decoding: bool = False  # the edge takes tokens the server decodes on its own
+    verdict_sent_at: float | None = None  # when its last verdict left (monotonic)
+    turnaround: float | None = None  # smoothed: from a verdict's sending to the next round's arrival
+
+    def round_arrived(self, at: float) -> None:
+        """Learns the session's turnaround (network both ways, drafting) from a round arriving at ``at``."""
+        if self.verdict_sent_at is None:
+            return
+        took = at - self.verdict_sent_at
+        self.turnaround = took if self.turnaround is None else 0.7 * self.turnaround + 0.3 * took
 
     @property
     def generated(self) -> int:
