@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         "--slo",
         default=None,
         help="TTFT/TPOT seconds per device class, e.g. default=2.0/0.1,jetson-orin-nano=3.0/0.15 (default: real "
-        "2.0/0.25, the edge's own; modeled 1.0/0.05, about a decode step of the modeled GPU plus the network)",
+        "2.0/0.25, the edge's own; modeled 1.0/0.1, 10 tokens per second per user, about 2.4 decode steps)",
     )
     run.add_argument(
         "--tpot-slos",
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "run":
             args.sizes = args.sizes or ([1, 2, 4, 8] if args.regime == "real" else [4, 8, 16, 32])
-            args.slo = args.slo or ("default=2.0/0.25" if args.regime == "real" else "default=1.0/0.05")
+            args.slo = args.slo or ("default=2.0/0.25" if args.regime == "real" else "default=1.0/0.1")
         prompts, prompt_ids, recordings = prepare(args)
         if args.command == "record":
             print(f"{len(recordings)} prompts recorded")

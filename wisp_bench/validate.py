@@ -88,23 +88,24 @@ def replayed_devices(
     prompt_ids: list[list[int]],
     recordings: list[Recording],
     identity: pb.ModelIdentity,
-    speculation,
-    pipeline: bool,
+    predictor: AcceptancePredictor | None,
     draft_tokens: int,
     max_new_tokens: int,
     seconds_per_token: float,
     wants_features: bool,
     devices: int,
 ) -> list[Answer]:
-    """``devices`` replayed devices at once on loopback (no emulated delay), split as `real_edges` splits."""
+    """``devices`` replayed devices at once on loopback (no emulated delay), split as `real_edges` splits. With a
+    ``predictor`` they are adaptive (each with its own copy, as each real edge has), pipeline and let the server
+    decode, as the real adaptive edge does by default; without one they draft a fixed length."""
     answers: list[Answer | None] = [None] * len(prompt_ids)
 
     def device(d: int) -> None:
         drafter = ReplayDrafter(recordings, seconds_per_token)
         drafter.wants_features = wants_features
-        client = EdgeClient(
-            grpc.insecure_channel(address), drafter, identity, speculation=speculation(), pipeline=pipeline
-        )
+        adaptive = predictor is not None
+        mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy())) if adaptive else FixedLength
+        client = EdgeClient(grpc.insecure_channel(address), drafter, identity, None, mode, adaptive, adaptive)
         for i in range(d, len(prompt_ids), devices):
             result = client.generate(prompt_ids[i], max_new_tokens=max_new_tokens, draft_tokens=draft_tokens)
             s = result.stats
@@ -138,16 +139,9 @@ def validate(
     common += ["--max-new-tokens", str(max_new_tokens)]
     comparisons = []
     for mode in modes:
-        if mode == "fixed":
-            args, pipeline = [*common, "--speculation", "fixed", "--no-pipeline"], False
-
-            def speculation():
-                return FixedLength
-        else:
-            args, pipeline = [*common, "--speculation", "adaptive", "--pipeline"], True
-
-            def speculation():  # each device its own copy of the calibrated predictor, as each real edge has
-                return AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))
+        adaptive = mode == "adaptive"
+        # The real edges' defaults for each mode: the adaptive one pipelines and lets the server decode.
+        args = [*common, "--speculation", mode, "--pipeline" if adaptive else "--no-pipeline"]
 
         real = real_edges(address, texts, args, workdir, edges)
         replayed = replayed_devices(
@@ -155,13 +149,12 @@ def validate(
             prompt_ids,
             recordings,
             identity,
-            speculation,
-            pipeline,
+            predictor if adaptive else None,
             draft_tokens,
             max_new_tokens,
             seconds_per_token,
             wants_features,
             edges,
         )
-        comparisons.append(Comparison("fixed" if mode == "fixed" else "adaptive, pipelined", real, replayed))
+        comparisons.append(Comparison("adaptive, pipelined" if adaptive else "fixed", real, replayed))
     return comparisons

@@ -33,7 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wisp_server.engines.base import RoundRequest, RoundVerdict, VerificationEngine
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
@@ -198,8 +198,9 @@ class WispPolicy(SchedulingPolicy):
         batch waits for costs the wait. Waiting for everyone also means everyone goes out together, so the
         engine idles a whole turnaround every cycle, where half batches would have interleaved. So the batch
         waits for a round only if both the wait and the round's turnaround cost less than the launch saved
-        (nearly a whole step on a GPU reading its weights, much of one on these CPUs), and only while every
-        on-time member and joiner still finishes by its deadline and the limits hold.
+        (nearly a whole step on a GPU reading its weights, much of one on these CPUs), only while no more
+        deadlines are missed than launching now would miss (the joiners' included, in a batch of their own
+        after this one), and within the limits.
         """
         if not batch or not expected:
             return None
@@ -209,7 +210,9 @@ class WispPolicy(SchedulingPolicy):
         deadlines = [p.deadline for p in batch]
         tokens = sum(p.shape.new_tokens for p in batch)
         joining: list[ExpectedRound] = []
-        for due in sorted((e for e in expected if e.at >= now), key=lambda e: e.at):
+        # A round a little late (jitter) is still coming; one late by half its turnaround is not counted on.
+        coming = (replace(e, at=max(e.at, now)) for e in expected if e.at >= now - e.turnaround / 2)
+        for due in sorted(coming, key=lambda e: e.at):
             tokens += due.shape.new_tokens
             if len(shapes) + len(joining) + 1 > self.limits.max_sessions or tokens > self.limits.max_tokens:
                 break
@@ -217,8 +220,13 @@ class WispPolicy(SchedulingPolicy):
             together = estimate(shapes + extra)
             if max(due.at - now, due.turnaround) >= alone + estimate(extra) - together:
                 break  # waiting costs more than a batch of its own
-            finish = due.at + together
-            if any(now <= deadline < finish for deadline in [*deadlines, *(e.deadline for e in joining), due.deadline]):
+            # Holding must not cost more deadlines than launching now would: then the joiners wait for a batch of
+            # their own, and may miss theirs instead.
+            joiners = [e.deadline for e in (*joining, due)]
+            launched, on_their_own = now + alone, max(due.at, now + alone) + estimate(extra)
+            misses_now = sum(now <= d < launched for d in deadlines) + sum(now <= d < on_their_own for d in joiners)
+            misses_held = sum(now <= d < due.at + together for d in (*deadlines, *joiners))
+            if misses_held > misses_now:
                 break
             joining.append(due)
         return joining[-1].at if joining else None

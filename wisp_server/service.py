@@ -101,6 +101,8 @@ class WispService(pb_grpc.WispServicer):
                             # Queued before the verdict is sent, so the next batch has it, as Generate does.
                             verdict.server_decoding, in_flight = True, self._queue_decode_step(session)
                         yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
+                        if not (verdict.finished or verdict.server_decoding):
+                            self._expect_next_round(session)  # before the engine thread chooses its next batch
                     finally:
                         pending.handled.set()
                     if verdict.finished:
@@ -108,9 +110,6 @@ class WispService(pb_grpc.WispServicer):
                     if round_number != message.draft.round:
                         self.metrics.server_decoded_tokens.inc(verdict.HasField("next_token"))
                     pending, in_flight, round_number = in_flight, None, round_number + 1
-                session.verdict_sent_at = time.monotonic()
-                if session.turnaround is not None:  # the scheduler may hold a batch for this session's next round
-                    self.scheduler.expect(session.session_id, self._next_round(session))
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             context.abort(error.code, str(error))
@@ -256,14 +255,19 @@ class WispService(pb_grpc.WispServicer):
         self.metrics.sessions.inc()
         return session
 
-    def _next_round(self, session: Session) -> ExpectedRound:
-        return ExpectedRound(
+    def _expect_next_round(self, session: Session) -> None:
+        """Tells the scheduler when the session's next round should arrive, so it may hold a batch for it."""
+        session.verdict_sent_at = time.monotonic()
+        if session.turnaround is None:  # known from the session's second round on
+            return
+        expected = ExpectedRound(
             at=session.verdict_sent_at + session.turnaround,
             turnaround=session.turnaround,
             shape=SequenceShape(len(session.context) - 1, 1 + session.next_drafts),
             expected_tokens=session.expected_tokens(session.next_drafts),
             deadline=session.deadline,
         )
+        self.scheduler.expect(session.session_id, expected)
 
     def _close(self, session: Session) -> None:
         self.scheduler.expect(session.session_id, None)
