@@ -108,6 +108,18 @@ def test_wisp_launches_only_what_finishes_by_the_deadlines():
     assert len(batch) < 9
 
 
+def test_wisp_sheds_no_one_where_shedding_cannot_save_a_deadline():
+    """A step that costs the same whatever it holds (a GPU reading its weights): a deadline inside it cannot be
+    met by any batch, so the batch keeps everyone instead of sending them to a later one."""
+    flat = VerificationTimeEstimator()
+    for n in range(1, 17):
+        flat.observe([SequenceShape(100, 1)] * n, 0.040)
+    lim = BatchLimits(max_sessions=16, max_tokens=1024)
+    doomed = PendingRound(RoundRequest("doomed", ()), SequenceShape(100, 1), 0.030, 1.0, 0.0)
+    others = [PendingRound(RoundRequest(f"o{i}", ()), SequenceShape(100, 1), 1.0, 1.0, 0.0) for i in range(8)]
+    assert len(WispPolicy(lim, flat, urgency=0.0).select([doomed, *others], now=0.0)) == 9
+
+
 def simulate(policy: SchedulingPolicy, rng: random.Random, arrivals: tuple[int, int], batches: int = 300):
     """Feeds ``policy`` a stream of rounds with mixed deadlines and values; yields (now, waiting, batch) per launch."""
     now, waiting = 0.0, []

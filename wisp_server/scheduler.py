@@ -251,12 +251,17 @@ class WispPolicy(SchedulingPolicy):
             if within_limits(batch, pending, self.limits):
                 batch.append(pending)
 
-        # Launch only what finishes in time for its on-time members: shed the least valuable extras first.
+        # Launch only what finishes in time for its on-time members: shed the least valuable extras first, but
+        # only where shedding can save the earliest of them. Where a step costs about the same whatever it holds
+        # (a GPU reading its weights), nothing can, and shedding would only send the others to a later batch.
         while True:
             finish = now + estimate([p.shape for p in batch])
-            missed = any(now <= p.deadline < finish for p in batch)
+            at_risk = [p for p in batch if now <= p.deadline < finish]
             removable = [p for p in batch if p not in protected]
-            if not missed or not removable:
+            if not at_risk or not removable:
+                return batch
+            first = min(at_risk, key=lambda p: p.deadline)
+            if now + estimate([p.shape for p in protected if p is not first] + [first.shape]) >= first.deadline:
                 return batch
             batch.remove(min(removable, key=lambda p: density[id(p)]))
 
