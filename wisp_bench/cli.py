@@ -343,8 +343,8 @@ def draft_identity(draft_model: str):
 def regime_label(args: argparse.Namespace) -> str:
     """Every result says which regime it comes from."""
     if args.regime == "modeled":
-        return f"modeled GPU: {args.gpu_model} (exact verdicts of {args.target_model}, time from a cost model)"
-    return f"real: {args.target_model} ({args.dtype}) on this host's CPU, {cpu_name()}"
+        return f"modeled GPU {args.gpu_model} (verdicts of {args.target_model})"
+    return f"real: {args.target_model} {args.dtype}, {cpu_name()}"
 
 
 def cpu_name() -> str:
