@@ -77,17 +77,16 @@ def run_device(
     channel = emulated_channel(run.address, link.uplink_delay, link.downlink_delay)
     client = None
     if run.configuration.speculation is not None:
-        drafter = ReplayDrafter(run.recordings, device.profile.draft_seconds_per_token)
-        drafter.wants_features = run.wants_features
-        if run.configuration.speculation == "adaptive":
-            speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor(run.predictor.weights.copy()))
-        else:
-            speculation = FixedLength
-        info = pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name)
-        adaptive = (
-            run.configuration.speculation == "adaptive"
-        )  # WISP's edges let the server decode where drafts don't pay
-        client = EdgeClient(channel, drafter, run.identity, info, speculation, run.configuration.pipeline, adaptive)
+        client = replayed_edge(
+            channel,
+            run.recordings,
+            device.profile.draft_seconds_per_token,
+            run.wants_features,
+            run.identity,
+            pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name),
+            run.predictor if run.configuration.speculation == "adaptive" else None,
+            run.configuration.pipeline,
+        )
     stub = pb_grpc.WispStub(channel)
     try:
         for session in sessions:
@@ -114,6 +113,27 @@ def run_device(
             on_trace(trace)
     finally:
         channel.close()
+
+
+def replayed_edge(
+    channel: grpc.Channel,
+    recordings: list[Recording],
+    seconds_per_token: float,
+    wants_features: bool,
+    identity: pb.ModelIdentity,
+    device: pb.DeviceInfo | None,
+    predictor: AcceptancePredictor | None,
+    pipeline: bool,
+) -> EdgeClient:
+    """The real edge with a `ReplayDrafter`. With a ``predictor`` it is adaptive (its own copy of the predictor, as
+    each real edge has) and lets the server decode where no draft pays, as WISP's edges do; without one it drafts
+    a fixed length."""
+    drafter = ReplayDrafter(recordings, seconds_per_token)
+    drafter.wants_features = wants_features
+    if predictor is None:
+        return EdgeClient(channel, drafter, identity, device, FixedLength, pipeline)
+    mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))
+    return EdgeClient(channel, drafter, identity, device, mode, pipeline, server_decoding=True)
 
 
 def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:

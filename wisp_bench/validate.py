@@ -17,10 +17,10 @@ from pathlib import Path
 
 import grpc
 
-from wisp_bench.replay import Recording, ReplayDrafter
+from wisp_bench.devices import replayed_edge
+from wisp_bench.replay import Recording
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
-from wisp_edge.client import EdgeClient
-from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+from wisp_edge.controller import AcceptancePredictor
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,16 @@ def replayed_devices(
     wants_features: bool,
     devices: int,
 ) -> list[Answer]:
-    """``devices`` replayed devices at once on loopback (no emulated delay), split as `real_edges` splits. With a
-    ``predictor`` they are adaptive (each with its own copy, as each real edge has), pipeline and let the server
-    decode, as the real adaptive edge does by default; without one they draft a fixed length."""
+    """``devices`` replayed devices at once on loopback (no emulated delay), split as `real_edges` splits: adaptive
+    and pipelined with a ``predictor``, as the real adaptive edge is by default; else a fixed length."""
     answers: list[Answer | None] = [None] * len(prompt_ids)
 
     def device(d: int) -> None:
-        drafter = ReplayDrafter(recordings, seconds_per_token)
-        drafter.wants_features = wants_features
-        adaptive = predictor is not None
-        mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy())) if adaptive else FixedLength
-        client = EdgeClient(grpc.insecure_channel(address), drafter, identity, None, mode, adaptive, adaptive)
+        channel = grpc.insecure_channel(address)
+        pipeline = predictor is not None
+        client = replayed_edge(
+            channel, recordings, seconds_per_token, wants_features, identity, None, predictor, pipeline
+        )
         for i in range(d, len(prompt_ids), devices):
             result = client.generate(prompt_ids[i], max_new_tokens=max_new_tokens, draft_tokens=draft_tokens)
             s = result.stats
