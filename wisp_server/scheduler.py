@@ -217,13 +217,13 @@ class WispPolicy(SchedulingPolicy):
             if len(shapes) + len(joining) + 1 > self.limits.max_sessions or tokens > self.limits.max_tokens:
                 break
             extra = [e.shape for e in joining] + [due.shape]
-            together = estimate(shapes + extra)
-            if max(due.at - now, due.turnaround) >= alone + estimate(extra) - together:
+            together, separate = estimate(shapes + extra), estimate(extra)
+            if max(due.at - now, due.turnaround) >= alone + separate - together:
                 break  # waiting costs more than a batch of its own
             # Holding must not cost more deadlines than launching now would: then the joiners wait for a batch of
             # their own, and may miss theirs instead.
             joiners = [e.deadline for e in (*joining, due)]
-            launched, on_their_own = now + alone, max(due.at, now + alone) + estimate(extra)
+            launched, on_their_own = now + alone, max(due.at, now + alone) + separate
             misses_now = sum(now <= d < launched for d in deadlines) + sum(now <= d < on_their_own for d in joiners)
             misses_held = sum(now <= d < due.at + together for d in (*deadlines, *joiners))
             if misses_held > misses_now:
