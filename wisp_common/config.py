@@ -83,7 +83,9 @@ class EdgeConfig:
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     device_id: str = _opt("", "name this device reports to the server (default: host name)")
-    device_kind: str = _opt("laptop", "device profile: jetson-orin-nano, raspberry-pi-5, laptop")
+    device_kind: str = _opt(
+        "auto", "device kind reported to the server: auto (detected), jetson-orin-nano, raspberry-pi-5, laptop, ..."
+    )
     max_new_tokens: int = _opt(128, "tokens to generate")
     temperature: float = _opt(0.0, "sampling temperature (0: greedy)")
     top_p: float = _opt(1.0, "nucleus sampling mass (1: off)")

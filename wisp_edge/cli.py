@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import grpc
 
+from wisp_common import device_kind
 from wisp_common.config import EdgeConfig, add_config_arguments, config_from_args
 from wisp_common.prompts import encode_prompt, load_prompts
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
@@ -68,7 +69,7 @@ def build_client(config: EdgeConfig):
     identity = pb.ModelIdentity(
         name=config.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
     )
-    device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=config.device_kind)
+    device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=device_kind_of(config))
     channel = grpc.insecure_channel(config.server)
     if config.speculation == "adaptive":
         predictor = AcceptancePredictor.beside(resolve_model(config.draft_model))
@@ -78,6 +79,10 @@ def build_client(config: EdgeConfig):
     server_decoding = config.speculation == "adaptive" and config.server_decoding
     client = EdgeClient(channel, drafter, identity, device, speculation, config.pipeline, server_decoding)
     return client, tokenizer
+
+
+def device_kind_of(config: EdgeConfig) -> str:
+    return device_kind.detect() if config.device_kind == "auto" else config.device_kind
 
 
 def sampling_of(config: EdgeConfig) -> SamplingParams:
