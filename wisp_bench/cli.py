@@ -331,13 +331,9 @@ def run_validation(args, prompts, prompt_ids: list[list[int]], recordings: list[
 
 def draft_identity(draft_model: str):
     """What the real edge tells the server about its draft."""
-    from wisp_common.models import load_tokenizer, tokenizer_fingerprint
-    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.models import draft_identity, load_tokenizer
 
-    tokenizer = load_tokenizer(draft_model)
-    return pb.ModelIdentity(
-        name=draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
-    )
+    return draft_identity(draft_model, load_tokenizer(draft_model))
 
 
 def regime_label(args: argparse.Namespace) -> str:

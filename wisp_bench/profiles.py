@@ -290,7 +290,7 @@ def overhead_step_times(
         decoder = dict(real.decoder_config, hidden_size=width, intermediate_size=width, head_dim=8)
         generator = torch.Generator().manual_seed(0)
         embedding = torch.randn(vocab, width, generator=generator)
-        tiny = EagleDraftModel(real.target, decoder, embedding, embedding, real.head_ids[:64], real.layers).eval()
+        tiny = EagleDraftModel(real.target, decoder, embedding, None, real.head_ids[:64], real.layers).eval()
         ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
         features = torch.randn(context, width, generator=generator)
         times = _time_drafting(lambda: EagleDrafter(tiny), ids, features, tokens, turns)

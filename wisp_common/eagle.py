@@ -12,10 +12,14 @@ trimmed vocabulary, so it stays cheap) turns that prediction into a
 distribution for x_{i+2}. Further drafts feed the predicted features back
 in, until the next verdict brings the real ones.
 
-The input embedding and output head are the target's, loaded from the
-target checkpoint named in the draft's config; the draft itself stores only
-its fusion layer, its decoder layers, a norm and the ids of its head's
-vocabulary.
+The input embedding and output head are the target's. The draft carries
+its own copy of them in float16 (the whole embedding, and the head's rows
+for its trimmed vocabulary where the target does not tie the two), so an
+edge never needs the target's checkpoint: a Jetson cannot hold a 32B model
+to read a few rows from it. Beside them it stores its fusion layer, decoder
+layers, a norm, the ids of its head's vocabulary, and in its config the
+fingerprint of the target weights it was trained for
+(`wisp_common.models.target_fingerprint`), which the server checks.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
 MODEL_TYPE = "wisp-eagle"
+FORMAT = 2  # 1: embedding and head read from the target's checkpoint; 2: carried in the draft
+STORED_DTYPE = torch.float16  # the carried embedding and head rows
+HEAD_ROWS = "head_rows"  # stored only where the target's head is not its embedding
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DECODER_FIELDS = (
@@ -51,16 +58,21 @@ class EagleDraftModel(nn.Module):
         target: str,
         decoder: dict,
         embedding: torch.Tensor,
-        head: torch.Tensor,
+        head_rows: torch.Tensor | None,
         head_ids: torch.Tensor,
         layers: int = 1,
+        target_fingerprint: str = "",
     ):
+        """``head_rows``: the target's output head at ``head_ids``, or None where it ties head and embedding."""
         super().__init__()
         self.target = target
+        self.target_fingerprint = target_fingerprint
+        self.tied_head = head_rows is None
         hidden = embedding.shape[1]
         self.embed = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.register_buffer("head_ids", head_ids.long())
-        self.register_buffer("head", head[head_ids.long()].clone(), persistent=False)
+        head = embedding[head_ids.long()] if head_rows is None else head_rows
+        self.register_buffer("head", head.clone(), persistent=False)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.decoder_config = dict(decoder)
         # Tokens come in through the target's embedding, so the decoder's own vocabulary is a placeholder.
@@ -100,12 +112,18 @@ class EagleDraftModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         config = {
             "model_type": MODEL_TYPE,
+            "format": FORMAT,
             "target": self.target,
+            "target_fingerprint": self.target_fingerprint,
+            "tied_head": self.tied_head,
             "layers": self.layers,
             "decoder": self.decoder_config,
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "embed.weight"}
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        weights["embed.weight"] = weights["embed.weight"].to(STORED_DTYPE)
+        if not self.tied_head:
+            weights[HEAD_ROWS] = self.head.detach().to(STORED_DTYPE).contiguous()
         save_file(weights, path / WEIGHTS_FILE)
 
 
@@ -114,10 +132,24 @@ def decoder_config_of(target_config) -> dict:
     return {name: getattr(target_config, name) for name in DECODER_FIELDS if hasattr(target_config, name)}
 
 
-def target_output_layers(target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's input embedding and output head, read from its checkpoint without loading the rest."""
+def target_output_layers(target: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's input embedding and output head (None where tied), read without loading the rest."""
     from safetensors import safe_open
 
+    path = target_checkpoint(target)
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in ("model.embed_tokens.weight", "lm_head.weight"):
+                if key in handle.keys():
+                    found[key] = handle.get_tensor(key).float()
+    if "model.embed_tokens.weight" not in found:
+        raise ValueError(f"{target}: no model.embed_tokens.weight in its safetensors files (a Llama-style target?)")
+    return found["model.embed_tokens.weight"], found.get("lm_head.weight")
+
+
+def target_checkpoint(target: str) -> Path:
+    """The target's local checkpoint directory: a WISP model name, a path, or a HuggingFace id (downloaded)."""
     from wisp_common.models import resolve_model
 
     path = Path(resolve_model(target))
@@ -125,16 +157,7 @@ def target_output_layers(target: str) -> tuple[torch.Tensor, torch.Tensor]:
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(target, allow_patterns=["*.json", "*.safetensors"]))
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            for key in ("model.embed_tokens.weight", "lm_head.weight"):
-                if key in handle.keys():
-                    found[key] = handle.get_tensor(key)
-    if "model.embed_tokens.weight" not in found:
-        raise ValueError(f"{target}: no model.embed_tokens.weight in its safetensors files (a Llama-style target?)")
-    embedding = found["model.embed_tokens.weight"].float()
-    return embedding, found.get("lm_head.weight", embedding).float()  # tied embeddings share one matrix
+    return path
 
 
 def is_eagle_model(path: str | Path) -> bool:
@@ -142,18 +165,40 @@ def is_eagle_model(path: str | Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
 
 
+def trained_for(path: str | Path) -> str:
+    """The fingerprint of the target weights a draft was trained for; "" for any other kind of model."""
+    config = Path(path) / CONFIG_FILE
+    return json.loads(config.read_text()).get("target_fingerprint", "") if is_eagle_model(path) else ""
+
+
 def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> EagleDraftModel:
+    """The draft alone: it carries the target's embedding and head rows, so no target checkpoint is read."""
     from safetensors.torch import load_file
 
     from wisp_common.models import torch_dtype
 
     path = Path(path)
     config = json.loads((path / CONFIG_FILE).read_text())
+    if config.get("format", 1) < FORMAT:
+        raise ValueError(
+            f"{path}: a draft from before drafts carried the target's embedding; "
+            "export it again from its work directory: wisp-distill --stage export"
+        )
     weights = load_file(path / WEIGHTS_FILE)
-    embedding, head = target_output_layers(config["target"])
-    layers = config.get("layers", 1)  # drafts written before --draft-layers have one
-    model = EagleDraftModel(config["target"], config["decoder"], embedding, head, weights["head_ids"], layers)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if set(missing) != {"embed.weight"} or unexpected:
-        raise ValueError(f"{path}: not a {MODEL_TYPE} checkpoint (missing {missing}, unexpected {unexpected})")
+    embedding = weights["embed.weight"].float()
+    head_rows = weights.pop(HEAD_ROWS).float() if HEAD_ROWS in weights else None
+    model = EagleDraftModel(
+        config["target"],
+        config["decoder"],
+        embedding,
+        head_rows,
+        weights["head_ids"],
+        config["layers"],
+        config["target_fingerprint"],
+    )
+    weights["embed.weight"] = embedding
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a {MODEL_TYPE} checkpoint ({e})") from e
     return model.to(device=device, dtype=torch_dtype(dtype, device)).eval()

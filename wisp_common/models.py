@@ -189,6 +189,54 @@ def _transformers_knows(path: str) -> bool:
     return not config.is_file() or json.loads(config.read_text()).get("model_type") in CONFIG_MAPPING
 
 
+_FINGERPRINT_ROWS = 64
+
+
+def target_fingerprint(checkpoint: str | Path) -> str:
+    """A short hash of the target weights a feature-conditioned draft depends on, or "" without safetensors.
+
+    A draft reads the target's last hidden state and its embedding and head, so
+    those tensors are sampled: the embedding, the head, the final norm and the
+    last decoder layer. Two checkpoints of one tokenizer (a base model and its
+    fine-tune) differ there. Only the first and last rows of each are read, so
+    it takes milliseconds on any target, and values are hashed as bfloat16, so
+    a checkpoint stored in float32 and its bfloat16 copy agree.
+    """
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint).glob("*.safetensors")) if Path(checkpoint).is_dir() else []
+    handles = [safe_open(str(f), "pt") for f in files]
+    names = {name: handle for handle in handles for name in handle.keys()}
+    layers = [int(m.group(1)) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))]
+    if not layers:
+        return ""
+    last = f"model.layers.{max(layers)}."
+    wanted = ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight")
+    digest = hashlib.sha256()
+    for name in sorted(n for n in names if n in wanted or n.startswith(last)):
+        rows = names[name].get_slice(name)
+        shape = tuple(rows.get_shape())
+        sample = torch.cat([rows[:_FINGERPRINT_ROWS], rows[-_FINGERPRINT_ROWS:]]) if shape else rows[:]
+        digest.update(f"{name}{shape}".encode())
+        digest.update(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def draft_identity(draft_model: str, tokenizer: PreTrainedTokenizerBase):
+    """What an edge tells the server of its draft: its tokenizer and, for a feature-conditioned draft, the
+    target weights it was trained for (the server refuses a draft made for other weights)."""
+    from wisp_common.eagle import trained_for
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+
+    return pb.ModelIdentity(
+        name=draft_model,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=len(tokenizer),
+        target_fingerprint=trained_for(resolve_model(draft_model)),
+    )
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the vocabulary and special tokens.
 

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 from wisp_common.config import DistillConfig
 from wisp_common.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
-from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model
+from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model, target_fingerprint
 from wisp_distill.data import Progress, Sample, device_of, load_samples, work_dir
 
 log = logging.getLogger("wisp_distill")
@@ -56,7 +56,15 @@ def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None 
     if not 1 <= layers <= target_config.num_hidden_layers:
         raise SystemExit(f"--draft-layers {layers}: must be 1 to the target's {target_config.num_hidden_layers}")
     embedding, head = target_output_layers(config.target_model)
-    model = EagleDraftModel(config.target_model, decoder_config_of(target_config), embedding, head, head_ids, layers)
+    model = EagleDraftModel(
+        config.target_model,
+        decoder_config_of(target_config),
+        embedding,
+        None if head is None else head[head_ids.long()],
+        head_ids,
+        layers,
+        target_fingerprint(path),
+    )
     first = target_config.num_hidden_layers - layers
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
@@ -81,7 +89,9 @@ def grown_from(start: EagleDraftModel, model: EagleDraftModel) -> None:
     zeroed), so the grown draft predicts exactly what ``start`` did and training only adds to it."""
     if model.layers < start.layers:
         raise SystemExit(f"--draft-layers {model.layers} is fewer than the {start.layers} of the --init-from draft")
-    unexpected = model.load_state_dict({**start.state_dict(), "head_ids": model.head_ids}, strict=False).unexpected_keys
+    # The embedding stays the target's own: `start` carries a float16 copy of it.
+    weights = {k: v for k, v in start.state_dict().items() if k != "embed.weight"}
+    unexpected = model.load_state_dict({**weights, "head_ids": model.head_ids}, strict=False).unexpected_keys
     if unexpected:
         raise ValueError(f"the --init-from draft has weights the new draft lacks: {unexpected}")
     with torch.no_grad():

@@ -10,6 +10,7 @@ first in the session's next round.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ class EngineInfo:
     vocab_size: int
     eos_token_id: int | None
     tokenizer_fingerprint: str
+    target_fingerprint: str = ""  # wisp_common.models.target_fingerprint; "" where there are no safetensors
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class EngineFull(Exception):
     """The engine cannot hold another session now (its KV cache is committed)."""
 
 
+class EngineDead(Exception):
+    """The engine cannot verify anything more: its core is left unusable (a dead vLLM engine core, a lost
+    device). Unlike an ordinary failed batch, which fails only its own sessions, this ends the process so a
+    supervisor restarts it."""
+
+
 class VerificationEngine(ABC):
     name: str
     info: EngineInfo
@@ -74,6 +82,11 @@ class VerificationEngine(ABC):
         with a bounded KV cache reserves room for it or raises `EngineFull`.
         With ``features`` each of its verdicts carries the target's features.
         """
+
+    def kv_cache_usage(self) -> float:
+        """The share of a bounded KV cache the open sessions hold or have reserved, 0 to 1 (a new session that
+        does not fit gets `EngineFull`); NaN for an engine whose cache has no bound."""
+        return math.nan
 
     @abstractmethod
     def remove_session(self, session_id: str) -> None:

@@ -23,7 +23,14 @@ def build_engine(config: ServerConfig) -> VerificationEngine:
     import torch
     import transformers
 
-    from wisp_common.models import load_tokenizer, resolve_device, resolve_dtype, resolve_model, tokenizer_fingerprint
+    from wisp_common.models import (
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+        resolve_model,
+        target_fingerprint,
+        tokenizer_fingerprint,
+    )
 
     transformers.utils.logging.disable_progress_bar()
     if config.threads:
@@ -37,6 +44,7 @@ def build_engine(config: ServerConfig) -> VerificationEngine:
         vocab_size=transformers.AutoConfig.from_pretrained(path).vocab_size,
         eos_token_id=tokenizer.eos_token_id,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        target_fingerprint=target_fingerprint(path),
     )
     if config.engine == "modeled":
         from wisp_server.engines.modeled_engine import ModeledVerificationEngine, load_answers, load_gpu_model

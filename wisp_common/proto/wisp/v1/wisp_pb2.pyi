@@ -17,14 +17,16 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 
 class ModelIdentity(_message.Message):
-    __slots__ = ("name", "tokenizer_fingerprint", "vocab_size")
+    __slots__ = ("name", "tokenizer_fingerprint", "vocab_size", "target_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     tokenizer_fingerprint: str
     vocab_size: int
-    def __init__(self, name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    target_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., target_fingerprint: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "seed")
