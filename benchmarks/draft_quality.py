@@ -13,9 +13,18 @@
    turns against the same server.
 3. cost: the draft's and the target's time per token at batch 1 with a KV
    cache, in this process, in alternating turns; and each one's tokens/s.
+4. sources: tokens per round by drafting source, per category, through the
+   same server, rounds capped at 4 drafts: the draft alone, the n-gram prompt
+   lookup alone, the suffix index alone, the edge as shipped (draft and
+   lookup), the draft with the suffix index, and all three. The prompts: the
+   tasks beyond chat (translation, summarization, passage QA, math,
+   retrieval-augmented answers) and MT-Bench as one more category. Each pass
+   starts every device with an empty history, and a history never holds an
+   answer to the prompt being answered.
 
     python -m benchmarks.draft_quality                     # the default pair
     python -m benchmarks.draft_quality --draft-model DIR --server-prompts 20
+    python -m benchmarks.draft_quality --stages sources --per-category 4
 """
 
 from __future__ import annotations
@@ -26,17 +35,29 @@ import statistics
 import sys
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import add_common_options
+from benchmarks.common import MT_BENCH, add_common_options
 from benchmarks.report import print_table, save_plot, write_json
+from wisp_bench import BEYOND_CHAT
 
 VARIANTS = {  # result key: (legend, colour)
     "tokens_per_round": ("draft + prompt lookup (the edge's default)", "tab:blue"),
     "tokens_per_round_draft_alone": ("draft alone", "tab:gray"),
 }
+STAGES = ("agreement", "rounds", "cost", "sources")
+SOURCES = {  # stage 4's variants: (draft, prompt lookup, suffix index)
+    "draft": (True, False, False),
+    "lookup": (False, True, False),
+    "suffix": (False, False, True),
+    "draft+lookup": (True, True, False),
+    "draft+suffix": (True, False, True),
+    "draft+lookup+suffix": (True, True, True),
+}
+SOURCE_LENGTH = 4  # stage 4's rounds: at most this many drafts
 
 
 def target_answers(args, prompts: list[list[int]], eos: int | None):
@@ -78,8 +99,11 @@ def agreement_with_lookup(draft_model, samples, lookup) -> float:
     return hits / max(total, 1)
 
 
-def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int | None) -> dict:
-    """Sessions through a real server, ``concurrency`` at once; ``length`` None: the adaptive controller."""
+def tokens_per_round(
+    args, prompts: list[list[int]], make_drafter, length: int | None, categories: list[str] | None = None
+) -> dict:
+    """Sessions through a real server, ``concurrency`` at once (each device with its own drafter); ``length``
+    None: the adaptive controller. With ``categories`` (one per prompt), tokens and rounds per category too."""
     import grpc
 
     from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
@@ -93,21 +117,23 @@ def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int |
         speculation = FixedLength
     else:
         speculation = AdaptiveSpeculation.mode_with(AcceptancePredictor.beside(resolve_model(args.draft_model)))
-    work = list(prompts)
+    work = list(zip(prompts, categories or [""] * len(prompts)))
     totals = {"tokens": 0, "rounds": 0, "sent": 0, "accepted": 0}
+    by_category: dict[str, dict[str, int]] = defaultdict(lambda: {"tokens": 0, "rounds": 0})
     lock = threading.Lock()
 
     def device() -> None:
-        client = EdgeClient(grpc.insecure_channel(args.server), make_drafter(), identity, speculation)
+        client = EdgeClient(grpc.insecure_channel(args.server), make_drafter(), identity, speculation=speculation)
         while True:
             with lock:
                 if not work:
                     return
-                prompt = work.pop()
+                prompt, category = work.pop()
             stats = client.generate(prompt, max_new_tokens=args.answer_tokens, draft_tokens=length or 8).stats
             with lock:
                 for key, value in (("tokens", stats.generated), ("rounds", stats.rounds)):
                     totals[key] += value
+                    by_category[category][key] += value
                 totals["sent"] += stats.sent
                 totals["accepted"] += stats.accepted
 
@@ -117,7 +143,61 @@ def tokens_per_round(args, prompts: list[list[int]], make_drafter, length: int |
         thread.start()
     for thread in threads:
         thread.join()
-    return {**totals, "wall_seconds": time.monotonic() - started}
+    result = {**totals, "wall_seconds": time.monotonic() - started}
+    return {**result, "by_category": dict(by_category)} if categories else result
+
+
+def source_prompts(tokenizer, files: list[str], per_category: int) -> tuple[list[list[int]], list[str]]:
+    """Up to ``per_category`` prompts of each category, evenly spread over it; a file whose records carry no
+    category, or MT-Bench (whose categories are all chat), is one category named after the file."""
+    from wisp_bench.workload import load_workload_prompts
+    from wisp_common.prompts import encode_prompt
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for file in files:
+        for prompt in load_workload_prompts(file):
+            category = Path(file).stem if Path(file) == MT_BENCH or not prompt.category else prompt.category
+            groups[category].append(prompt.text)
+    encoded, categories = [], []
+    for category, texts in groups.items():
+        count = min(per_category, len(texts))
+        for i in range(count):
+            encoded.append(encode_prompt(tokenizer, texts[i * len(texts) // count], chat=True))
+            categories.append(category)
+    return encoded, categories
+
+
+def source_drafters(args, lookup, names: list[str]) -> dict:
+    """Stage 4's drafter factories: each call makes a device's drafter, with an empty history."""
+    from wisp_edge.draft_loader import drafter_factory
+    from wisp_edge.drafter import CopyDrafter
+    from wisp_edge.suffix import SuffixDecoding
+
+    suffix = SuffixDecoding(max_tokens=SOURCE_LENGTH, forget_same_prompt=True)
+    factories = {}
+    for name in names:
+        draft, with_lookup, with_suffix = SOURCES[name]
+        lookup_of, suffix_of = (lookup if with_lookup else None), (suffix if with_suffix else None)
+        if draft:
+            factories[name] = drafter_factory(args.draft_model, lookup=lookup_of, suffix=suffix_of)
+        else:
+            factories[name] = lambda lookup_of=lookup_of, suffix_of=suffix_of: CopyDrafter(
+                lookup=lookup_of, suffix=None if suffix_of is None else suffix_of.decoder()
+            )
+    return factories
+
+
+def by_source(args, tokenizer, lookup) -> dict:
+    """Stage 4: tokens per round per category for each drafting source, through the server at ``args.server``."""
+    prompts, categories = source_prompts(tokenizer, args.source_prompts, args.per_category)
+    result: dict = {"length": SOURCE_LENGTH, "prompts": len(prompts), "tokens_per_round": {}, "runs": {}}
+    for name, make_drafter in source_drafters(args, lookup, args.sources).items():
+        totals = tokens_per_round(args, prompts, make_drafter, SOURCE_LENGTH, categories)
+        per_category = {k: v["tokens"] / v["rounds"] for k, v in sorted(totals["by_category"].items())}
+        result["tokens_per_round"][name] = {**per_category, "all": totals["tokens"] / totals["rounds"]}
+        result["runs"][name] = totals
+        print(f"  {name}: {result['tokens_per_round'][name]['all']:.2f} tokens/round", file=sys.stderr)
+    return result
 
 
 def cost(args, prompt: list[int], target, draft_model, lookup) -> dict[str, float]:
@@ -176,6 +256,15 @@ def plot(result: dict) -> Path:
     return save_plot("draft_quality", draw, ncols=2, figsize=(10, 4))
 
 
+def print_sources(sources: dict) -> None:
+    """Stage 4's table: a row per category, a column per source."""
+    table = sources["tokens_per_round"]
+    names = list(table)
+    categories = [c for c in next(iter(table.values())) if c != "all"] + ["all"]
+    rows = [[category, *[round(table[name][category], 2) for name in names]] for category in categories]
+    print_table(["tokens/round (max 4 drafts)", *names], rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.draft_quality", description=__doc__.splitlines()[0])
     add_common_options(
@@ -192,8 +281,17 @@ def main() -> int:
     parser.add_argument("--cost-tokens", type=int, default=32)
     parser.add_argument("--cost-turns", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in this process")
+    parser.add_argument(
+        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="agreement, rounds and cost run together"
+    )
+    parser.add_argument("--source-prompts", nargs="+", default=[str(BEYOND_CHAT), str(MT_BENCH)], help="stage 4")
+    parser.add_argument("--per-category", type=int, default=10, help="stage 4: prompts per category")
+    parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES), help="stage 4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    classic = set(STAGES[:3]) <= set(args.stages)
+    if not classic and set(STAGES[:3]) & set(args.stages):
+        raise SystemExit("agreement, rounds and cost run together")
 
     from wisp_common.config import EdgeConfig
     from wisp_common.models import load_causal_lm, load_tokenizer
@@ -215,18 +313,23 @@ def main() -> int:
         raise SystemExit(f"{args.draft_model} is not a feature-conditioned draft (made by wisp-distill)")
     draft_model = drafter.model
 
-    print(f"1/3 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
-    samples = target_answers(args, prompts, tokenizer.eos_token_id)
-    rate, own_rate = agreement(draft_model, samples)
-    lookup_rate = agreement_with_lookup(draft_model, samples, lookup) if lookup else rate
+    if classic:
+        print(
+            f"1/4 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr
+        )
+        samples = target_answers(args, prompts, tokenizer.eos_token_id)
+        rate, own_rate = agreement(draft_model, samples)
+        lookup_rate = agreement_with_lookup(draft_model, samples, lookup) if lookup else rate
 
-    print("2/3 tokens per round through a real server, with the prompt lookup and without", file=sys.stderr)
     rounds: dict[str, dict[str, float]] = {variant: {} for variant in VARIANTS}
     details: dict[str, dict] = {}
+    sources: dict = {}
     server_args = ["--target-model", args.target_model, "--engine", "vllm", "--dtype", args.dtype]
     with ServerProcess([*server_args, "--max-draft-tokens", "8"], log_prefix=None) as server:
         args.server = server.address
-        for length in [*args.lengths, None]:
+        if classic:
+            print("2/4 tokens per round through a real server, with the prompt lookup and without", file=sys.stderr)
+        for length in [*args.lengths, None] if classic else []:
             name = str(length) if length else "adaptive"
             for variant, make_drafter in drafters.items():
                 if length is None and variant != "tokens_per_round":
@@ -240,8 +343,16 @@ def main() -> int:
                 + (f" (draft alone {alone:.2f})" if alone else ""),
                 file=sys.stderr,
             )
+        if "sources" in args.stages:
+            print(f"4/4 tokens per round by source and category (at most {SOURCE_LENGTH} drafts)", file=sys.stderr)
+            sources = by_source(args, tokenizer, lookup)
+    if sources:
+        print_sources(sources)
+    if not classic:
+        print(f"wrote {write_json('draft_quality_sources', {'sources': sources, 'args': vars(args)})}")
+        return 0
 
-    print("3/3 cost per token at batch 1", file=sys.stderr)
+    print("3/4 cost per token at batch 1", file=sys.stderr)
     target = load_causal_lm(args.target_model, "float32")
     seconds = cost(args, prompts[0], target, draft_model, lookup)
     result = {
@@ -257,6 +368,7 @@ def main() -> int:
         "tokens_per_second": {name: 1 / s for name, s in seconds.items()},
         "cost_ratio": seconds["draft"] / seconds["target"],
         "cost_ratio_draft_alone": seconds["draft_alone"] / seconds["target"],
+        "sources": sources,
         "args": vars(args),
     }
     with_lookup, alone_rounds = rounds["tokens_per_round"], rounds["tokens_per_round_draft_alone"]

@@ -21,7 +21,8 @@ from helpers import perturbed, running_server, save_with_tokenizer, tiny_llama
 
 from wisp_common import device_kind
 from wisp_common.eagle import load_eagle_model, trained_for
-from wisp_common.models import PACKAGED_DRAFTS, draft_identity, resolve_model, target_fingerprint
+from wisp_common.identity import draft_identity
+from wisp_common.models import PACKAGED_DRAFTS, resolve_model, target_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 

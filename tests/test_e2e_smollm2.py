@@ -109,3 +109,24 @@ def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
     assert "tokens/s" in result.stderr and "finish: stop" in result.stderr
     assert server.stop() == 0
     assert any("shutting down" in line for line in server.log)
+
+
+def test_suffix_decoding_is_lossless_and_drafts_a_repeated_answer_from_the_history(server, tmp_path, smollm2_tokenizer):
+    """The suffix index on (every proposal it makes taken, however unlikely): answers stay the target's own, also
+    for prompts asked again, which the device's history then drafts from its earlier answer."""
+    prompts = [PROMPTS[1], PROMPTS[6], PROMPTS[1], PROMPTS[1]]
+    prompts_file, output = tmp_path / "suffix.jsonl", tmp_path / "suffix.out.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    args = ["--prompts-file", str(prompts_file), "--output", str(output), "--max-new-tokens", "48", "--ignore-eos"]
+    suffix = ["--suffix", "--suffix-min-probability", "0", "--lookup-ngram", "0", "--speculation", "fixed"]
+    result = subprocess.run(edge_command(server.address, *args, *suffix), capture_output=True, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    target = load_causal_lm("smollm2-135m-instruct")
+    for prompt, record in zip(prompts, records):
+        prompt_ids = encode_prompt(smollm2_tokenizer, prompt, chat=True)
+        assert_greedy_equal(target, prompt_ids, record["token_ids"], reference_greedy(target, prompt_ids, 48))
+    # Asked a third time, its answer comes from the history (seen twice: a 2/3 estimate, surer than most drafts) in
+    # long accepted rounds: fewer rounds than the first time.
+    assert records[2]["token_ids"] == records[3]["token_ids"] == records[0]["token_ids"]
+    assert records[3]["rounds"] < records[0]["rounds"]

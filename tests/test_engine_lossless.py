@@ -120,11 +120,14 @@ def test_vllm_admits_sessions_against_kv_capacity_and_frees_blocks_on_end(target
     model, path = target
     engine = make_engine("vllm", model, path, kv_cache_gib=0.001)
     capacity = engine.total_blocks * engine.block_size
+    assert engine.kv_cache_usage() == 0
     engine.add_session("big", [1, 2], SamplingParams(), capacity // 2)
+    assert 0.5 <= engine.kv_cache_usage() < 1  # half the tokens, and a round of drafts
     with pytest.raises(EngineFull, match="more blocks"):
         engine.add_session("too-big", [1, 2], SamplingParams(), capacity // 2 + engine.block_size)
     engine.verify([RoundRequest("big", (5, 6))])
     engine.remove_session("big")
+    assert engine.kv_cache_usage() == 0
     engine.add_session("fits-now", [1, 2], SamplingParams(), capacity - 2 * engine.block_size)
     assert engine.verify([RoundRequest("fits-now", ())])[0].num_accepted == 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from wisp_common.models import resolve_device
@@ -39,3 +41,45 @@ def test_another_vllm_release_is_refused_with_the_supported_one_named(version):
 
 def test_the_installed_vllm_is_the_supported_release():
     check_vllm_version(installed_vllm_version())
+
+
+def _engine_args(**options) -> dict:
+    from wisp_common.config import ServerConfig
+    from wisp_server.engines.vllm_engine import engine_args
+
+    return engine_args(ServerConfig(**options), "/models/target", "bfloat16", device_settings("cuda"))
+
+
+def test_gpu_settings_reach_vllms_engine_args():
+    args = _engine_args(
+        gpu_memory_utilization=0.85,
+        tensor_parallel_size=4,
+        pipeline_parallel_size=2,
+        vllm_engine_args='{"distributed_executor_backend": "ray", "quantization": "fp8", "block_size": 32}',
+    )
+    assert (args["gpu_memory_utilization"], args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (
+        0.85,
+        4,
+        2,
+    )
+    assert args["kv_cache_memory_bytes"] is None  # the KV cache is sized from the GPU's memory instead
+    assert (args["distributed_executor_backend"], args["quantization"], args["block_size"]) == ("ray", "fp8", 32)
+    assert args["speculative_config"]["model"].endswith(".NullProposer") and args["model"] == "/models/target"
+
+
+def test_without_gpu_settings_the_kv_cache_is_the_configured_size():
+    from vllm import EngineArgs
+
+    args = _engine_args(kv_cache_gib=3)
+    assert args["kv_cache_memory_bytes"] == 3 * 2**30 and "gpu_memory_utilization" not in args
+    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"], args["block_size"]) == (1, 1, 16)
+    EngineArgs(**args)  # every keyword is one vLLM knows
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [('["not", "a", "dict"]', "must be a JSON object"), ('{"max_model_len": 99}', "may not set ['max_model_len']")],
+)
+def test_vllm_engine_args_that_would_break_wisp_are_refused(extra, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _engine_args(vllm_engine_args=extra)

@@ -21,6 +21,7 @@ from wisp_common.request import Slo
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength, RoundTiming, verdict_labels
 from wisp_edge.drafter import DraftSignals, ModelDrafter
 from wisp_edge.lookup import PromptLookup
+from wisp_edge.suffix import SuffixDecoding
 
 
 def signals(top1: float) -> DraftSignals:
@@ -103,17 +104,17 @@ def synthetic_rows(weights: np.ndarray, n: int, seed: int):
 
 
 def test_the_fitted_predictor_beats_the_prior_and_adapts_online(tmp_path):
-    truth = np.array([-1.0, 3.0, -0.3, 1.0, -1.5, 2.5])  # deeper positions less often, lookup tokens more
+    truth = np.array([-1.0, 3.0, -0.3, 1.0, -1.5, 2.5, 0.0])  # deeper positions less often, lookup tokens more
     rows = synthetic_rows(truth, 4000, seed=1)
     fitted = AcceptancePredictor.fit(rows)
     held_out = synthetic_rows(truth, 2000, seed=2)
     assert fitted.log_loss(held_out) < AcceptancePredictor().log_loss(held_out) - 0.02
     fitted.save(tmp_path / "controller.json")
     assert np.allclose(AcceptancePredictor.beside(str(tmp_path)).weights, fitted.weights)
-    assert fitted.weights[-1] > 1.5  # it learns that lookup tokens are accepted more often
-    # A predictor saved before the lookup feature existed loads with weight 0 on it: as it was fitted.
+    assert fitted.weights[5] > 1.5  # it learns that lookup tokens are accepted more often
+    # A predictor saved before the lookup and suffix features existed loads with weight 0 on them: as it was fitted.
     (tmp_path / "old.json").write_text(json.dumps({"weights": [-1.0, 3.0, -0.3, 1.0, -1.5]}))
-    assert AcceptancePredictor.load(tmp_path / "old.json").weights.tolist() == [-1.0, 3.0, -0.3, 1.0, -1.5, 0.0]
+    assert AcceptancePredictor.load(tmp_path / "old.json").weights.tolist() == [-1.0, 3.0, -0.3, 1.0, -1.5, 0.0, 0.0]
 
     online = AdaptiveSpeculation(4, AcceptancePredictor())
     before = online.predictor.log_loss(held_out)
@@ -151,6 +152,8 @@ def generate_at_once(address: str, drafts: list[str], tokenizer, adaptive: bool,
         client.pipeline, client.server_decoding = pipeline, adaptive  # WISP's edges let the server decode
         if i == len(PROMPTS) - 1:  # the unrelated draft's session takes every token the prompt lookup proposes
             client.drafter.lookup = PromptLookup(max_ngram=4, below=1.01)
+        if i == 1:  # the close draft's session drafts with the suffix index too
+            client.drafter.suffix = SuffixDecoding(min_probability=0.0).decoder()
         results[i] = client.generate(PROMPTS[i], max_new_tokens=40, draft_tokens=5, ignore_eos=True, slo=slo)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]

@@ -331,7 +331,8 @@ def run_validation(args, prompts, prompt_ids: list[list[int]], recordings: list[
 
 def draft_identity(draft_model: str):
     """What the real edge tells the server about its draft."""
-    from wisp_common.models import draft_identity, load_tokenizer
+    from wisp_common.identity import draft_identity
+    from wisp_common.models import load_tokenizer
 
     return draft_identity(draft_model, load_tokenizer(draft_model))
 

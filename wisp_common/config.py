@@ -22,6 +22,31 @@ DEFAULT_DRAFT = "smollm2-135m-wisp-draft"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where the device computes in it, else float32
 
+# gRPC refuses messages over 4 MiB by default. A verdict with target features carries 2 bytes x hidden size per
+# token, and the first one the whole context: a hidden size of 4096 and 8192 tokens is 64 MiB.
+GRPC_MAX_MESSAGE_BYTES = 2 * 4096 * 8192
+
+
+def grpc_message_options(max_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server or channel options that allow messages of up to ``max_bytes`` each way."""
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+def keepalive_options(every: float, timeout: float, server: bool) -> list[tuple[str, int]]:
+    """gRPC options that ping the peer every ``every`` seconds and drop the connection when a ping goes unanswered
+    for ``timeout`` seconds: a peer that vanished (killed host, cut network, stopped process) is noticed even on
+    an idle stream. A server also accepts the edges' pings (gRPC's default refuses them more often than every
+    five minutes)."""
+    options = [
+        ("grpc.keepalive_time_ms", int(every * 1000)),
+        ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if server:
+        options.append(("grpc.http2.min_ping_interval_without_data_ms", 1000))
+    return options
+
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -48,6 +73,22 @@ class ServerConfig:
     device: str = _opt("auto", "device the target runs on (auto: CUDA where present, else cpu; cuda:1, ...)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
     kv_cache_gib: float = _opt(2.0, "vllm engine: memory for the paged KV cache, GiB")
+    gpu_memory_utilization: float = _opt(
+        0.0, "vllm engine: fraction of GPU memory vLLM may use; sizes the KV cache instead of --kv-cache-gib (0: off)"
+    )
+    tensor_parallel_size: int = _opt(1, "vllm engine: GPUs the target's layers are split across (tensor parallel)")
+    pipeline_parallel_size: int = _opt(1, "vllm engine: stages the target's layers are split into (several nodes: Ray)")
+    vllm_engine_args: str = _opt(
+        "", 'vllm engine: any other vLLM EngineArgs, as a JSON object (e.g. {"quantization": "fp8"})'
+    )
+    grpc_max_message_bytes: int = _opt(
+        GRPC_MAX_MESSAGE_BYTES, "largest gRPC message sent or received (verdicts carrying a large target's features)"
+    )
+    draft_check: str = _opt(
+        "refuse",
+        "a draft trained for other target weights of the same tokenizer (its drafts would rarely be accepted)",
+        ("refuse", "warn", "off"),
+    )
     max_sessions: int = _opt(64, "concurrent sessions admitted")
     max_draft_tokens: int = _opt(8, "drafts accepted per round")
     max_context_tokens: int = _opt(2048, "prompt plus generated tokens per session")
@@ -58,13 +99,50 @@ class ServerConfig:
     sled_window: float = _opt(0.05, "sled policy: seconds the oldest round may wait for a full batch")
     wisp_urgency: float = _opt(0.05, "wisp policy: slack (seconds) under which a round is urgent")
     wisp_max_wait: float = _opt(1.0, "wisp policy: seconds after which any waiting round goes first")
+    session_idle_timeout: float = _opt(
+        30.0, "seconds a session may wait for its edge's next round before the server closes it (a stalled edge)"
+    )
+    shutdown_grace: float = _opt(
+        10.0, "on SIGTERM: seconds in-flight rounds get to finish; the rest are told UNAVAILABLE (resume elsewhere)"
+    )
+    retry_after_ms: int = _opt(1000, "refused for capacity (RESOURCE_EXHAUSTED): the retry-after-ms hint to edges")
+    keepalive_seconds: float = _opt(20.0, "gRPC keepalive: seconds between pings to each edge")
+    keepalive_timeout: float = _opt(10.0, "gRPC keepalive: seconds an unanswered ping waits before the edge is dropped")
+    tls_cert: str = _opt("", "TLS: this server's certificate chain (PEM file); with --tls-key, serves TLS only")
+    tls_key: str = _opt("", "TLS: this server's private key (PEM file)")
+    tls_client_ca: str = _opt(
+        "", "mutual TLS: CA certificates (PEM file) client certificates must chain to; set, every client needs one"
+    )
+    tokens_file: str = _opt(
+        "", "per-device bearer tokens, one 'device_id token' line each; set, every call but health needs one"
+    )
+    sessions_per_minute: float = _opt(0.0, "sessions each device may open per minute, bursts included (0: no limit)")
+    rounds_per_second: float = _opt(0.0, "draft rounds each device may send per second over all its sessions (0: off)")
 
 
 @dataclass
 class EdgeConfig:
     """The edge daemon and CLI (`wisp-edge`)."""
 
-    server: str = _opt("127.0.0.1:50051", "verification server address host:port")
+    server: str = _opt(
+        "127.0.0.1:50051",
+        "verification server host:port, a comma-separated list of them (new sessions are balanced over them), or a "
+        "gRPC target such as dns:///wisp.example:50051 (calls balanced over its addresses)",
+    )
+    tls: bool = _opt(False, "connect with TLS, verifying the server against the system's CAs (or --tls-ca)")
+    tls_ca: str = _opt("", "TLS: CA certificates (PEM file) to verify the server with; implies --tls")
+    tls_cert: str = _opt("", "mutual TLS: this device's certificate (PEM file)")
+    tls_key: str = _opt("", "mutual TLS: this device's private key (PEM file)")
+    # repr=False: a config printed or logged never shows the secret.
+    token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "bearer token for the server (prefer WISP_TOKEN or --token-file: ps shows flags)",
+            "choices": None,
+        },
+    )
+    token_file: str = _opt("", "file holding this device's bearer token")
     draft_model: str = _opt(DEFAULT_DRAFT, "draft model: a WISP model name, HF id or local path")
     draft_tokens: int = _opt(4, "drafts per round: the most (adaptive) or always (fixed)")
     speculation: str = _opt(
@@ -75,6 +153,16 @@ class EdgeConfig:
         4, "prompt lookup: the longest suffix of the context matched against its earlier text, from 2 up (0: off)"
     )
     lookup_below: float = _opt(0.5, "prompt lookup: replaces only drafts whose top-1 probability is below this")
+    suffix: bool = _opt(
+        False,
+        "suffix decoding: propose what followed the context's end in the prompt, the answer and this device's "
+        "earlier answers (kept in memory only), where that is likelier than the draft's own token",
+    )
+    suffix_max_bytes: int = _opt(64 << 20, "suffix decoding: memory for the earlier answers' index, bytes")
+    suffix_max_depth: int = _opt(16, "suffix decoding: longest token sequence indexed (a match and its continuation)")
+    suffix_min_probability: float = _opt(
+        0.1, "suffix decoding: stop a proposal where its estimated probability of being right falls below this"
+    )
     pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
     server_decoding: bool = _opt(
         True, "adaptive: where no draft pays at the server's load, let it decode the session itself (no round trips)"
@@ -82,7 +170,7 @@ class EdgeConfig:
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
-    device_id: str = _opt("", "name this device reports to the server (default: host name)")
+    device_id: str = _opt("", "name this device reports to the server (default: its token's device, else host name)")
     device_kind: str = _opt(
         "auto", "device kind reported to the server: auto (detected), jetson-orin-nano, raspberry-pi-5, laptop, ..."
     )
@@ -95,6 +183,25 @@ class EdgeConfig:
     ttft_slo: float = _opt(2.0, "time-to-first-token target, seconds")
     tpot_slo: float = _opt(0.25, "time-per-output-token target, seconds")
     chat: bool = _opt(True, "wrap prompts in the model's chat template")
+    round_timeout: float = _opt(
+        10.0, "seconds to wait for a verdict at least (longer where the server's hints expect a long round)"
+    )
+    round_timeout_factor: float = _opt(8.0, "a verdict is given up on after this many times the server's estimate")
+    max_retries: int = _opt(8, "reconnects in a row without progress before a generation fails")
+    retry_backoff: float = _opt(0.25, "first reconnect's backoff, seconds; doubles each time, with full jitter")
+    retry_backoff_max: float = _opt(8.0, "longest reconnect backoff, seconds")
+    keepalive_seconds: float = _opt(20.0, "gRPC keepalive: seconds between pings to the server")
+    keepalive_timeout: float = _opt(10.0, "gRPC keepalive: seconds an unanswered ping waits before reconnecting")
+    host: str = _opt("127.0.0.1", "serve: address the OpenAI-compatible HTTP API listens on")
+    port: int = _opt(8080, "serve: HTTP port of the OpenAI-compatible API")
+    api_key: str = _opt("", "serve: clients must send 'Authorization: Bearer KEY' (empty: no key asked)")
+    max_concurrent_requests: int = _opt(
+        4, "serve: requests generated at once (one draft state each, weights shared); more get 429"
+    )
+    served_model_name: str = _opt("", "serve: model id in the API (default: the server's target model)")
+    grpc_max_message_bytes: int = _opt(
+        GRPC_MAX_MESSAGE_BYTES, "largest gRPC message sent or received (verdicts carrying a large target's features)"
+    )
 
 
 @dataclass

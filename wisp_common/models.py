@@ -223,20 +223,6 @@ def target_fingerprint(checkpoint: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def draft_identity(draft_model: str, tokenizer: PreTrainedTokenizerBase):
-    """What an edge tells the server of its draft: its tokenizer and, for a feature-conditioned draft, the
-    target weights it was trained for (the server refuses a draft made for other weights)."""
-    from wisp_common.eagle import trained_for
-    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
-
-    return pb.ModelIdentity(
-        name=draft_model,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=len(tokenizer),
-        target_fingerprint=trained_for(resolve_model(draft_model)),
-    )
-
-
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of the vocabulary and special tokens.
 

@@ -4,13 +4,17 @@
     wisp-edge generate --prompts-file questions.jsonl --output answers.jsonl
     wisp-edge calibrate [--prompts-file questions.jsonl]
     wisp-edge info
+    wisp-edge serve [--port 8080] [--api-key KEY]
+    wisp-edge chat
 
 `generate` drafts locally, verifies on the server and streams the committed
 text as it arrives; a one-line summary follows on stderr. With a prompts
 file it answers each prompt in turn and writes token ids, text and
 statistics as JSONL. `calibrate` answers prompts with a fixed, long draft,
 logs which draft tokens the target accepted and fits the speculation
-controller's acceptance predictor to them, saved beside the draft.
+controller's acceptance predictor to them, saved beside the draft. `serve`
+runs an OpenAI-compatible HTTP API (docs/edge-daemon.md); `chat` is an
+interactive conversation in the terminal.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from wisp_common.config import EdgeConfig, add_config_arguments, config_from_arg
 from wisp_common.prompts import encode_prompt, load_prompts
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, Slo
+from wisp_edge.connection import connect
 
 
 class TextStream:
@@ -50,35 +55,52 @@ class TextStream:
 
 def build_client(config: EdgeConfig):
     """Loads the draft model and connects; imports torch lazily so `--help` stays fast."""
+    clients, tokenizer = build_clients(config, 1)
+    return clients[0], tokenizer
+
+
+def build_clients(config: EdgeConfig, count: int):
+    """``count`` clients on one channel, each with its own drafter over the draft weights, loaded once."""
     import torch
     import transformers
 
-    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from wisp_edge.client import EdgeClient
+    from wisp_common.identity import draft_identity
+    from wisp_common.models import load_tokenizer, resolve_model
+    from wisp_edge.client import EdgeClient, ResumePolicy
     from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
     from wisp_edge.draft_loader import drafter_factory
     from wisp_edge.lookup import PromptLookup
+    from wisp_edge.suffix import SuffixDecoding
 
     transformers.utils.logging.disable_progress_bar()
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = load_tokenizer(config.draft_model)
-    drafter = drafter_factory(
-        config.draft_model, sampling_of(config), config.dtype, config.device, PromptLookup.of(config)
-    )()
-    identity = pb.ModelIdentity(
-        name=config.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=len(tokenizer)
+    make_drafter = drafter_factory(
+        config.draft_model,
+        sampling_of(config),
+        config.dtype,
+        config.device,
+        PromptLookup.of(config),
+        SuffixDecoding.of(config),
     )
-    device = pb.DeviceInfo(device_id=config.device_id or socket.gethostname(), kind=device_kind_of(config))
-    channel = grpc.insecure_channel(config.server)
+    identity = draft_identity(config.draft_model, tokenizer)
+    # With a token the server knows the device from it: an edge that names none is the token's.
+    named = config.device_id or ("" if config.token or config.token_file else socket.gethostname())
+    device = pb.DeviceInfo(device_id=named, kind=device_kind_of(config))
+    channel = connect(config)
     if config.speculation == "adaptive":
         predictor = AcceptancePredictor.beside(resolve_model(config.draft_model))
         speculation = AdaptiveSpeculation.mode_with(predictor, config.min_run_probability)
     else:
         speculation = FixedLength
     server_decoding = config.speculation == "adaptive" and config.server_decoding
-    client = EdgeClient(channel, drafter, identity, device, speculation, config.pipeline, server_decoding)
-    return client, tokenizer
+    resume = ResumePolicy.of(config)
+    clients = [
+        EdgeClient(channel, make_drafter(), identity, device, speculation, config.pipeline, server_decoding, resume)
+        for _ in range(count)
+    ]
+    return clients, tokenizer
 
 
 def device_kind_of(config: EdgeConfig) -> str:
@@ -172,10 +194,27 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
 def cmd_info(config: EdgeConfig, args: argparse.Namespace) -> int:
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 
-    stub = pb_grpc.WispStub(grpc.insecure_channel(config.server))
+    stub = pb_grpc.WispStub(connect(config))
     info = stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
     print(info)
     return 0
+
+
+def cmd_serve(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from wisp_edge.openai_api import serve
+
+    if config.max_concurrent_requests < 1:
+        raise SystemExit("wisp-edge serve: --max-concurrent-requests must be at least 1")
+    clients, tokenizer = build_clients(config, config.max_concurrent_requests)
+    info = clients[0].stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    return serve(clients, tokenizer, config, config.served_model_name or info.target_model.name)
+
+
+def cmd_chat(config: EdgeConfig, args: argparse.Namespace) -> int:
+    from wisp_edge.chat import run_chat
+
+    client, tokenizer = build_client(config)
+    return run_chat(client, tokenizer, config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_argument("--limit", type=int, default=40, help="use only the first N prompts")
     calibrate.add_argument("--output", help="where to write the predictor (default: the draft's directory)")
     info = commands.add_parser("info", help="show the server's target model and limits")
-    for sub in (generate, calibrate, info):
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible HTTP API (chat and text completions)")
+    chat = commands.add_parser("chat", help="chat with the target in the terminal")
+    for sub in (generate, calibrate, info, serve, chat):
         add_config_arguments(sub, EdgeConfig)
     args = parser.parse_args(argv)
     config = config_from_args(EdgeConfig, args)
-    handler = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info}[args.command]
+    handlers = {"generate": cmd_generate, "calibrate": cmd_calibrate, "info": cmd_info}
+    handler = {**handlers, "serve": cmd_serve, "chat": cmd_chat}[args.command]
     try:
         return handler(config, args)
     except grpc.RpcError as error:

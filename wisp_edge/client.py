@@ -11,7 +11,9 @@ committed tokens, which are exactly the target's own.
 
 from __future__ import annotations
 
+import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,12 +21,100 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from wisp_common.config import EdgeConfig
 from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo
 from wisp_edge.controller import FixedLength, RoundTiming, SpeculationController, SpeculationMode
 from wisp_edge.drafter import Drafter
+
+log = logging.getLogger(__name__)
+
+# Trailing metadata of a refusal for capacity or rate: milliseconds to wait before trying again (the server's key).
+RETRY_AFTER_KEY = "retry-after-ms"
+# Statuses after which a session is resumed on a new stream: the server is gone, restarting, draining, full or
+# overdue. Others (a bad request, a failed batch: INTERNAL) would fail again the same way.
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How long the edge waits for the server, and how it backs off before resuming a broken session.
+
+    A verdict is overdue after ``round_timeout`` seconds, or ``round_timeout_factor`` times what the server's
+    last hints expect the round to take (queue, verification, network), whichever is longer: a hang, not
+    slowness. Backoff is exponential with full jitter (so edges cut off together do not come back together),
+    never shorter than the server's retry hint, and ``max_retries`` failures in a row without a committed token
+    end the generation.
+    """
+
+    round_timeout: float = 10.0
+    round_timeout_factor: float = 8.0
+    max_retries: int = 8
+    backoff: float = 0.25
+    backoff_max: float = 8.0
+
+    @classmethod
+    def of(cls, config: EdgeConfig) -> ResumePolicy:
+        return cls(
+            config.round_timeout,
+            config.round_timeout_factor,
+            config.max_retries,
+            config.retry_backoff,
+            config.retry_backoff_max,
+        )
+
+    def wait_limit(self, expected: float) -> float:
+        """Seconds to wait for a verdict expected in ``expected`` seconds."""
+        return max(self.round_timeout, self.round_timeout_factor * expected)
+
+    def delay(self, failures: int, retry_after: float | None) -> float:
+        """Backoff before the ``failures``-th attempt in a row; a server's hint is spread over up to 1.5x."""
+        jittered = random.uniform(0.0, min(self.backoff_max, self.backoff * 2 ** (failures - 1)))
+        return jittered if retry_after is None else max(jittered, retry_after * random.uniform(1.0, 1.5))
+
+
+class RoundTimeout(grpc.RpcError):
+    """The server did not answer in time (hung, or its network cut without a reset)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "the server did not answer by the round's deadline (see ResumePolicy)"
+
+
+class _Interrupted(Exception):
+    """The session's stream broke in a way a new stream can resume."""
+
+    def __init__(self, error: grpc.RpcError):
+        super().__init__(str(error))
+        self.error = error
+        hint = dict(getattr(error, "trailing_metadata", lambda: None)() or ()).get(RETRY_AFTER_KEY)
+        self.retry_after = int(hint) / 1000 if hint else None
+
+
+@dataclass
+class _Run:
+    """One generation's state across the streams it takes: what is committed survives a broken stream."""
+
+    open: pb.OpenSession
+    max_new_tokens: int
+    draft_tokens: int
+    on_tokens: Callable[[list[int]], None] | None
+    timing: RoundTiming
+    started: float
+    generated: list[int] = field(default_factory=list)
+    controller: SpeculationController | None = None
 
 
 @dataclass
@@ -44,6 +134,23 @@ class GenerationStats:
     round_trip_seconds: float = 0.0  # from sending each round to its verdict's arrival
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
+    resumes: int = 0  # new streams after a broken one (server restarted or gone, draining, full, overdue)
+    draft_rounds: int = 0  # rounds that carried drafts: vLLM's num_drafts
+    # How often the draft at each position of a round was accepted: vLLM's num_accepted_tokens_per_pos.
+    accepted_per_position: list[int] = field(default_factory=list)
+    # Each round that carried drafts, in order: drafts sent and accepted (vLLM's per_step_drafted/_accepted).
+    per_step_drafted: list[int] = field(default_factory=list)
+    per_step_accepted: list[int] = field(default_factory=list)
+
+    def record_round(self, sent: int, accepted: int) -> None:
+        """Counts one verified round of ``sent`` drafts, the first ``accepted`` of them accepted."""
+        if sent:
+            self.draft_rounds += 1
+            self.per_step_drafted.append(sent)
+            self.per_step_accepted.append(accepted)
+        self.accepted_per_position += [0] * (sent - len(self.accepted_per_position))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -83,7 +190,31 @@ class GenerationStats:
             "round_trip_seconds": round(self.round_trip_seconds, 3),
             "server_queue_seconds": round(self.server_queue_seconds, 3),
             "server_verify_seconds": round(self.server_verify_seconds, 3),
+            "resumes": self.resumes,
         }
+
+
+class Cancellation:
+    """Ends a running `EdgeClient.generate` from any thread at once: its stream is cancelled, so the server
+    closes the session, and ``generate`` raises `grpc.RpcError` (CANCELLED)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._call: grpc.Future | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled, call = True, self._call
+        if call is not None:
+            call.cancel()
+
+    def attach(self, call: grpc.Future) -> None:
+        """The generation's stream; cancelled at once if the cancellation came first."""
+        with self._lock:
+            self._call = call
+        if self.cancelled:
+            call.cancel()
 
 
 @dataclass
@@ -105,9 +236,14 @@ class EdgeClient:
         speculation: SpeculationMode = FixedLength,
         pipeline: bool = False,
         server_decoding: bool = False,
+        resume: ResumePolicy = ResumePolicy(),
     ):
-        """``server_decoding``: let the server decode the session itself where no draft pays at its load."""
+        """``server_decoding``: let the server decode the session itself where no draft pays at its load.
+
+        ``channel`` may spread calls over several servers (`wisp_edge.connection.BalancedChannel`): a resumed
+        session is a new call, so it starts on another server where the first is gone."""
         self.stub = pb_grpc.WispStub(channel)
+        self.resume = resume
         self.drafter = drafter
         self.draft_identity = draft_identity
         self.device = device or pb.DeviceInfo()
@@ -128,47 +264,91 @@ class EdgeClient:
         ignore_eos: bool = False,
         slo: Slo = Slo(),
         on_tokens: Callable[[list[int]], None] | None = None,
+        cancellation: Cancellation | None = None,
+        stats: GenerationStats | None = None,
     ) -> GenerationResult:
-        """Generates up to ``max_new_tokens`` tokens; ``draft_tokens`` caps a round; ``on_tokens`` sees commits."""
-        stats = GenerationStats()
-        started = time.monotonic()
+        """Generates up to ``max_new_tokens`` tokens; ``draft_tokens`` caps a round; ``on_tokens`` sees commits.
+
+        ``stats``, when given, is filled as the rounds go, so a caller that cancels still has the figures.
+
+        A stream that breaks (the server restarted, gone, draining or full; the network cut; a verdict overdue) is
+        resumed on a new stream after a backoff (`ResumePolicy`): the session is opened again with the tokens
+        committed so far, so no token is lost or repeated, and the output is the target's as if nothing broke.
+        """
+        stats = GenerationStats() if stats is None else stats
+        run = _Run(
+            open=pb.OpenSession(
+                draft_model=self.draft_identity,
+                prompt_token_ids=list(prompt_ids),
+                sampling=sampling.to_proto(),
+                stop=pb.StopCondition(
+                    max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
+                ),
+                slo=slo.to_proto(),
+                device=self.device,
+                return_features=self.drafter.wants_features,
+                accept_server_decoding=self.server_decoding,
+            ),
+            max_new_tokens=max_new_tokens,
+            draft_tokens=draft_tokens,
+            on_tokens=on_tokens,
+            timing=RoundTiming(tpot_slo=slo.tpot_seconds),
+            started=time.monotonic(),
+        )
+        self.drafter.start(prompt_ids)
+        failures = 0
+        while True:
+            committed = len(run.generated)
+            try:
+                return self._stream(run, stats, cancellation)
+            except _Interrupted as interrupted:
+                failures = 0 if len(run.generated) > committed else failures + 1
+                if failures > self.resume.max_retries or (cancellation is not None and cancellation.cancelled):
+                    raise interrupted.error from None
+                delay = self.resume.delay(failures, interrupted.retry_after)
+                code = interrupted.error.code()
+                log.log(
+                    logging.WARNING if failures <= 1 else logging.DEBUG,  # one line per outage, not per attempt
+                    "session interrupted after %d tokens (%s: %s); resuming in %.2fs",
+                    len(run.generated),
+                    code.name if code else "?",
+                    interrupted.error.details(),
+                    delay,
+                )
+                time.sleep(delay)
+                stats.resumes += 1
+
+    def _stream(self, run: _Run, stats: GenerationStats, cancellation: Cancellation | None) -> GenerationResult:
+        """Runs the session on one Speculate stream until it finishes; raises `_Interrupted` where it breaks."""
         requests: queue.Queue[pb.SpeculateRequest | None] = queue.Queue()
         responses = self.stub.Speculate(_drain(requests))
+        if cancellation is not None:
+            cancellation.attach(responses)
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_read, args=(responses, inbox), daemon=True).start()
+        timing, generated = run.timing, run.generated
         try:
-            requests.put(
-                pb.SpeculateRequest(
-                    open=pb.OpenSession(
-                        draft_model=self.draft_identity,
-                        prompt_token_ids=list(prompt_ids),
-                        sampling=sampling.to_proto(),
-                        stop=pb.StopCondition(
-                            max_new_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
-                        ),
-                        slo=slo.to_proto(),
-                        device=self.device,
-                        return_features=self.drafter.wants_features,
-                        accept_server_decoding=self.server_decoding,
-                    )
-                )
-            )
-            opened = _next(inbox)[1].opened
-            controller = self.speculation(min(draft_tokens, opened.max_draft_tokens))
-            timing = RoundTiming(tpot_slo=slo.tpot_seconds)
-            self.drafter.start(prompt_ids)
-            generated: list[int] = []
+            opening = pb.OpenSession()
+            opening.CopyFrom(run.open)
+            opening.committed_token_ids.extend(generated)  # a resumed session: nothing lost, nothing twice
+            requests.put(pb.SpeculateRequest(open=opening))
+            opened = _next(inbox, time.monotonic() + self.resume.round_timeout)[1].opened
+            limit = min(run.draft_tokens, opened.max_draft_tokens)
+            if run.controller is None or run.controller.max_drafts != limit:
+                run.controller = self.speculation(limit)
+            controller = run.controller
             position = opened.position
             server_decoding = False  # the server is decoding on its own: its verdicts come without rounds
             while True:
-                room = max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
+                room = run.max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
                 count = 0 if server_decoding else self._round_length(controller, timing, room, stats)
                 drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
                 if not server_decoding:
                     round_ = pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts)
                     requests.put(pb.SpeculateRequest(draft=round_))
                 sent_at, pipelined = time.monotonic(), stats.pipelined
-                arrived, response = self._await_verdict(inbox, controller, count, room, stats)
+                deadline = sent_at + self.resume.wait_limit(timing.queue + timing.verify + timing.rtt)
+                arrived, response = self._await_verdict(inbox, controller, count, room, stats, deadline)
                 verdict, pipelined = response.verdict, stats.pipelined - pipelined
                 decoded_by_server = server_decoding
                 if decoded_by_server:
@@ -191,21 +371,22 @@ class EdgeClient:
                     self.round_log.append((signals, count, verdict.num_accepted))
                 committed = drafts[: verdict.num_accepted] + ([] if next_token is None else [next_token])
                 if not generated:
-                    stats.ttft_seconds = time.monotonic() - started
+                    stats.ttft_seconds = time.monotonic() - run.started
                 generated += committed
                 position = verdict.position
                 stats.rounds += not decoded_by_server  # verification rounds: the server's own steps are not
                 stats.sent += count
                 stats.accepted += verdict.num_accepted
+                stats.record_round(count, verdict.num_accepted)
                 stats.server_queue_seconds += verdict.timings.queue_seconds
                 stats.server_verify_seconds += verdict.timings.verify_seconds
-                if on_tokens is not None:
-                    on_tokens(committed)
+                if run.on_tokens is not None:
+                    run.on_tokens(committed)
                 if verdict.finished:
                     break
             requests.put(pb.SpeculateRequest(close=pb.CloseSession()))
             stats.generated = len(generated)
-            stats.wall_seconds = time.monotonic() - started
+            stats.wall_seconds = time.monotonic() - run.started
             reason = pb.FinishReason.Name(verdict.finish_reason).removeprefix("FINISH_REASON_").lower()
             return GenerationResult(generated, reason, stats)
         finally:
@@ -234,9 +415,10 @@ class EdgeClient:
                 return max(0, min(len(self.drafter.pending), room))
 
     def _await_verdict(
-        self, inbox: queue.Queue, controller, sent: int, room: int, stats
+        self, inbox: queue.Queue, controller, sent: int, room: int, stats, deadline: float
     ) -> tuple[float, pb.SpeculateResponse]:
-        """Waits for the round's verdict (returns its arrival time too); with pipelining, drafts meanwhile."""
+        """Waits for the round's verdict until ``deadline`` (returns its arrival time too); with pipelining,
+        drafts meanwhile."""
         ahead = min(room, sent + controller.max_drafts)  # as far as the next round could reach
         while (
             self.pipeline
@@ -248,18 +430,35 @@ class EdgeClient:
                 break
             stats.pipelined += 1
         started = time.monotonic()
-        response = _next(inbox)
+        response = _next(inbox, deadline)
         stats.idle_seconds += time.monotonic() - started
         return response
 
 
-def _next(inbox: queue.Queue) -> tuple[float, pb.SpeculateResponse]:
-    arrived, item = inbox.get()
+def _next(inbox: queue.Queue, deadline: float) -> tuple[float, pb.SpeculateResponse]:
+    """The stream's next response by ``deadline``; `_Interrupted` where the stream broke in a resumable way."""
+    limit = deadline - time.monotonic()
+    try:
+        arrived, item = inbox.get(timeout=max(0.0, limit))
+    except queue.Empty:
+        raise _Interrupted(RoundTimeout()) from None
+    if isinstance(item, grpc.RpcError) and item.code() in RESUMABLE:
+        raise _Interrupted(item)
     if isinstance(item, BaseException):
         raise item
-    if item is None:
-        raise RuntimeError("the server closed the stream before the verdict")
+    if item is None:  # a server that ends the stream early is as gone as one that resets it
+        raise _Interrupted(_StreamEnded())
     return arrived, item
+
+
+class _StreamEnded(grpc.RpcError):
+    """The server ended the stream without finishing the session."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the server closed the stream before the session finished"
 
 
 def _read(responses, inbox: queue.Queue) -> None:

@@ -4,7 +4,8 @@ Every draft token after the first one the target rejects is wasted work,
 and a longer round also keeps the device waiting longer for its verdict.
 The controller reads the draft's signals for each token it drafts (top-1
 probability, entropy, top-1/top-2 margin, position in the round, whether
-the prompt lookup proposed it), and an `AcceptancePredictor`, a logistic
+it was copied from earlier text, and the suffix index's own estimate where
+that proposed it), and an `AcceptancePredictor`, a logistic
 model, turns them into the chance that the target accepts that token.
 Drafting stops when
 
@@ -37,13 +38,17 @@ import numpy as np
 from wisp_edge.drafter import DraftSignals
 
 PREDICTOR_FILE = "controller.json"
-FEATURES = "bias top1 entropy margin position/8 lookup"
+FEATURES = "bias top1 entropy margin position/8 lookup suffix"
 
 
 def predictor_features(signals: DraftSignals, position: int) -> np.ndarray:
-    """The model's inputs: a bias, the draft's confidence, how deep into the round the token is, and whether the
-    prompt lookup proposed it."""
-    return np.array([1.0, signals.top1, signals.entropy, signals.margin, position / 8.0, float(signals.lookup)])
+    """The model's inputs: a bias, the draft's confidence, how deep into the round the token is, whether it was
+    copied (prompt lookup or suffix index), and the suffix index's probability for it (0 where it did not
+    propose it). A predictor fitted before a feature existed reads it with weight 0: the shipped one learns the
+    suffix weight online, and `wisp-edge calibrate` fits it."""
+    return np.array(
+        [1.0, signals.top1, signals.entropy, signals.margin, position / 8.0, float(signals.lookup), signals.suffix]
+    )
 
 
 def verdict_labels(signals: Sequence[DraftSignals], num_sent: int, num_accepted: int):
@@ -63,7 +68,7 @@ class AcceptancePredictor:
     """P(target accepts a draft token | the draft's signals): logistic regression."""
 
     # Before any data: the draft's own top-1 probability, roughly calibrated.
-    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    weights: np.ndarray = field(default_factory=lambda: np.array([-2.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
     learning_rate: float = 0.05  # online step size
 
     def probability(self, signals: DraftSignals, position: int) -> float:
@@ -100,7 +105,8 @@ class AcceptancePredictor:
 
     @classmethod
     def load(cls, path: str | Path) -> AcceptancePredictor:
-        """A predictor fitted before the lookup feature existed reads it with weight 0, as it was fitted."""
+        """A predictor fitted before the lookup or suffix features existed reads them with weight 0, as it was
+        fitted."""
         weights = json.loads(Path(path).read_text())["weights"]
         return cls(np.array(weights + [0.0] * (len(FEATURES.split()) - len(weights)), dtype=float))
 

@@ -10,6 +10,7 @@ from wisp_common.request import SamplingParams
 from wisp_edge.drafter import Drafter, ModelDrafter
 from wisp_edge.eagle import EagleDrafter
 from wisp_edge.lookup import PromptLookup
+from wisp_edge.suffix import SuffixDecoding
 
 
 def drafter_factory(
@@ -18,14 +19,16 @@ def drafter_factory(
     dtype: str = "float32",
     device: str = "auto",
     lookup: PromptLookup | None = None,
+    suffix: SuffixDecoding | None = None,
 ) -> Callable[[], Drafter]:
-    """Loads a draft model once; each call makes a drafter over it (one per session, sharing the weights).
+    """Loads a draft model once; each call makes a drafter over it (one per device, sharing the weights; with
+    ``suffix``, each drafter keeps its own device history).
 
     Feature-conditioned (EAGLE-style) if the model's directory says so, else a standalone causal LM.
     """
     path, device = resolve_model(name), resolve_device(device)
     if is_eagle_model(path):
         eagle = load_eagle_model(path, dtype, device)
-        return lambda: EagleDrafter(eagle, sampling, lookup)
+        return lambda: EagleDrafter(eagle, sampling, lookup, None if suffix is None else suffix.decoder())
     model = load_causal_lm(path, dtype, device)
-    return lambda: ModelDrafter(model, sampling, lookup)
+    return lambda: ModelDrafter(model, sampling, lookup, None if suffix is None else suffix.decoder())

@@ -27,6 +27,7 @@ from transformers import DynamicCache, PreTrainedModel
 from wisp_common.request import SamplingParams
 from wisp_common.verification import target_distribution
 from wisp_edge.lookup import PromptLookup
+from wisp_edge.suffix import SuffixDecoder
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class DraftSignals:
     top1: float  # probability of its most likely token
     entropy: float  # nats
     margin: float  # top-1 minus top-2 probability
-    lookup: bool = False  # the token came from the prompt lookup, not from the draft's own pick
+    lookup: bool = False  # the token was copied (prompt lookup or suffix index), not the draft's own pick
+    suffix: float = 0.0  # where the suffix index proposed it: its estimated probability, else 0
 
 
 def signals_of(logits: torch.Tensor) -> DraftSignals:
@@ -54,9 +56,11 @@ class Drafter(ABC):
         sampling: SamplingParams = SamplingParams(),
         device: str | torch.device = "cpu",
         lookup: PromptLookup | None = None,
+        suffix: SuffixDecoder | None = None,
     ):
         self.sampling = sampling
         self.lookup = lookup
+        self.suffix = suffix
         self.generator = torch.Generator(device=device)
         if sampling.seed:
             self.generator.manual_seed(sampling.seed)
@@ -66,6 +70,8 @@ class Drafter(ABC):
 
     def start(self, context: Sequence[int]) -> None:
         """Begins a session whose committed context is ``context``."""
+        if self.suffix is not None:
+            self.suffix.start(context, previous=self.tokens)
         self.tokens, self.pending, self.signals = list(context), [], []
         self._reset()
 
@@ -76,9 +82,9 @@ class Drafter(ABC):
             return None
         logits, vocab_ids = out
         signals = signals_of(logits)
-        token = None if self.lookup is None else self.lookup.override(signals.top1, self.tokens + self.pending)
-        if token is not None:
-            signals = replace(signals, lookup=True)
+        copied = self._copied(signals.top1)
+        if copied is not None:
+            token, signals = copied[0], replace(signals, lookup=True, suffix=copied[1])
         else:
             index = self._pick(logits)
             token = index if vocab_ids is None else int(vocab_ids[index])
@@ -105,6 +111,17 @@ class Drafter(ABC):
         self.pending, self.signals = rest[len(rest) - kept :], self.signals[len(self.signals) - kept :]
         self._sync(features)
 
+    def _copied(self, top1: float) -> tuple[int, float] | None:
+        """A token copied from earlier text instead of a draft with top-1 probability ``top1``, and the suffix
+        index's probability for it (0: the prompt lookup's). The suffix index goes first, where it is surer than
+        the draft; the prompt lookup then where the draft is unsure."""
+        if self.suffix is not None:
+            proposed = self.suffix.propose(self.tokens, self.pending)
+            if proposed is not None and proposed[1] > top1:
+                return proposed
+        token = None if self.lookup is None else self.lookup.override(top1, self.tokens + self.pending)
+        return None if token is None else (token, 0.0)
+
     def _pick(self, logits: torch.Tensor) -> int:
         if self.sampling.greedy:
             return int(logits.argmax())
@@ -128,10 +145,14 @@ class ModelDrafter(Drafter):
     """A standalone causal LM; its KV cache keeps the longest prefix still valid."""
 
     def __init__(
-        self, model: PreTrainedModel, sampling: SamplingParams = SamplingParams(), lookup: PromptLookup | None = None
+        self,
+        model: PreTrainedModel,
+        sampling: SamplingParams = SamplingParams(),
+        lookup: PromptLookup | None = None,
+        suffix: SuffixDecoder | None = None,
     ):
         device = next(model.parameters()).device
-        super().__init__(sampling, device, lookup)
+        super().__init__(sampling, device, lookup, suffix)
         self.model = model
         self.device = device
         self._reset()
@@ -167,3 +188,28 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
     """Keeps the first ``length`` positions. (`crop` now takes how many to remove; its old form, the length to
     keep, is deprecated and could never crop to zero.)"""
     cache.crop(min(0, length - cache.get_seq_length()))
+
+
+class CopyDrafter(Drafter):
+    """No model: drafts only what the prompt lookup or the suffix index copies from earlier text, and nothing
+    where they have nothing. What those sources are worth on their own (benchmarks)."""
+
+    def draft_one(self) -> int | None:
+        copied = self._copied(0.0)
+        if copied is None:
+            return None
+        token, probability = copied
+        # A suffix token carries its estimated probability as its confidence; a lookup token makes no estimate.
+        confidence = probability or 1.0
+        self.pending.append(token)
+        self.signals.append(DraftSignals(confidence, 0.0, confidence, lookup=True, suffix=probability))
+        return token
+
+    def _reset(self) -> None:
+        """No model state."""
+
+    def _next_logits(self) -> None:
+        return None
+
+    def _sync(self, features: torch.Tensor | None) -> None:
+        """No model state."""

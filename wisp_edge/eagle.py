@@ -9,6 +9,7 @@ from wisp_common.eagle import EagleDraftModel
 from wisp_common.request import SamplingParams
 from wisp_edge.drafter import Drafter, crop_cache
 from wisp_edge.lookup import PromptLookup
+from wisp_edge.suffix import SuffixDecoder
 
 
 class EagleDrafter(Drafter):
@@ -23,10 +24,14 @@ class EagleDrafter(Drafter):
     wants_features = True
 
     def __init__(
-        self, model: EagleDraftModel, sampling: SamplingParams = SamplingParams(), lookup: PromptLookup | None = None
+        self,
+        model: EagleDraftModel,
+        sampling: SamplingParams = SamplingParams(),
+        lookup: PromptLookup | None = None,
+        suffix: SuffixDecoder | None = None,
     ):
         self.device = model.head.device
-        super().__init__(sampling, self.device, lookup)
+        super().__init__(sampling, self.device, lookup, suffix)
         self.model = model
         self._reset()
 

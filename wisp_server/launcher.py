@@ -28,9 +28,11 @@ class ServerProcess:
         startup_timeout: float = 600,
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
+        module: str = "wisp_server.server",
     ):
-        """``env`` adds environment variables; ``cpus`` pins the server to those cores."""
-        command = [sys.executable, "-u", "-m", "wisp_server.server", "--port", "0", "--metrics-port", "0", *args]
+        """``env`` adds environment variables; ``cpus`` pins the server to those cores; ``module`` runs another
+        entry point with the same command line (tests: one that injects faults into the engine)."""
+        command = [sys.executable, "-u", "-m", module, "--port", "0", "--metrics-port", "0", *args]
         environment = {**os.environ, **(env or {})}
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment

@@ -31,11 +31,11 @@ import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
-from wisp_server.engines.base import RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import EngineDead, RoundRequest, RoundVerdict, VerificationEngine
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
 from wisp_server.metrics import ServerMetrics
 
@@ -47,6 +47,10 @@ HANDOFF_TIMEOUT_SECONDS = 0.005
 
 class SchedulerStopped(RuntimeError):
     """The server is shutting down; the round was not verified."""
+
+
+class RoundWithdrawn(RuntimeError):
+    """The round's session ended (its edge left) before the round was verified."""
 
 
 @dataclass(frozen=True)
@@ -276,16 +280,22 @@ class BatchScheduler:
         policy: SchedulingPolicy,
         estimator: VerificationTimeEstimator,
         metrics: ServerMetrics | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ):
+        """``on_fatal`` is told once when the engine is dead (`EngineDead`): the scheduler has stopped, and only a
+        new process can serve again."""
         self.engine = engine
         self.policy = policy
         self.estimator = estimator
         self.metrics = metrics or ServerMetrics()
+        self.on_fatal = on_fatal
         self._waiting: list[PendingRound] = []
         self._expected: dict[str, ExpectedRound] = {}  # by session: rounds due back soon
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="wisp-engine", daemon=True)
+        self.metrics.rounds_waiting.set_function(lambda: len(self._waiting))
+        self.metrics.kv_cache_usage.set_function(engine.kv_cache_usage)
 
     def start(self) -> None:
         self._thread.start()
@@ -295,6 +305,12 @@ class BatchScheduler:
             self._stopped = True
             self._cond.notify_all()
         self._thread.join()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether it takes no more rounds: the server is stopping, or the engine died."""
+        with self._cond:
+            return self._stopped
 
     def submit(self, pending: PendingRound) -> Future[RoundResult]:
         with self._cond:
@@ -309,9 +325,21 @@ class BatchScheduler:
         """When a session's next round should arrive (None: it will not, e.g. it ended)."""
         with self._cond:
             if expected is None:
-                self._expected.pop(session_id, None)
+                if self._expected.pop(session_id, None) is not None:
+                    self._cond.notify()  # a batch held for it launches now
             else:
                 self._expected[session_id] = expected
+
+    def withdraw(self, session_id: str) -> None:
+        """Forgets a session that ended: its next round is no longer expected, and a round of it still waiting
+        is taken out (its future fails with `RoundWithdrawn`) so no batch verifies it."""
+        with self._cond:
+            self._expected.pop(session_id, None)
+            withdrawn = [p for p in self._waiting if p.request.session_id == session_id]
+            self._waiting = [p for p in self._waiting if p.request.session_id != session_id]
+            self._cond.notify()
+        for pending in withdrawn:
+            pending.future.set_exception(RoundWithdrawn(f"session {session_id} ended"))
 
     def waiting_shapes(self) -> list[SequenceShape]:
         with self._cond:
@@ -338,13 +366,29 @@ class BatchScheduler:
                 self._waiting = [p for p in self._waiting if id(p) not in chosen]
             self._execute(batch, choosing)
 
+    def _die(self, batch: list[PendingRound], error: EngineDead) -> None:
+        """Stops taking rounds, fails the batch and everything waiting, and tells ``on_fatal``."""
+        with self._cond:
+            self._stopped = True
+            failed, self._waiting = batch + self._waiting, []
+        for pending in failed:
+            pending.future.set_exception(SchedulerStopped(f"the server's engine failed ({error})"))
+        if self.on_fatal is not None:
+            self.on_fatal(error)
+
     def _execute(self, batch: list[PendingRound], choosing: float) -> None:
         """Runs the batch and resolves its futures at once: the handlers wait on them, the bookkeeping can wait."""
         start = time.monotonic()
         try:
             verifications = self.engine.verify([p.request for p in batch])
+        except EngineDead as error:  # nothing more can be verified in this process
+            log.critical("the engine is dead: %s", error)
+            self.metrics.engine_errors.inc()
+            self._die(batch, error)
+            return
         except Exception as error:  # a failed batch fails its rounds, never the server
             log.exception("verification batch of %d failed", len(batch))
+            self.metrics.engine_errors.inc()
             for pending in batch:
                 pending.future.set_exception(error)
             return
@@ -357,6 +401,7 @@ class BatchScheduler:
         end = time.monotonic()
         self.estimator.observe([p.shape for p in batch], elapsed)
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.batch_tokens.observe(sum(p.shape.new_tokens for p in batch))
         self.metrics.verify_seconds.observe(elapsed)
         for pending in batch:
             self.metrics.queue_seconds.observe(start - pending.arrival)

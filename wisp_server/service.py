@@ -9,7 +9,9 @@ can act on; other sessions never notice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -25,19 +27,43 @@ from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
-from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, SchedulerStopped
+from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, RoundWithdrawn, SchedulerStopped
 from wisp_server.session import Session
 from wisp_server.speculation_length import goodput_optimal_drafts
 
 log = logging.getLogger(__name__)
 
 
-class RequestError(Exception):
-    """A request the server refuses; carries the gRPC status to answer with."""
+# Trailing metadata on a refusal for capacity: how long the edge should wait before it tries again.
+RETRY_AFTER_KEY = "retry-after-ms"
+DRAINING = "the server is shutting down; resume the session on another server (or this one once it is back)"
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+_GONE = object()  # in a stream's inbox: the edge left (cancelled, disconnected, killed)
+_DRAIN = object()  # in a stream's inbox: the server is shutting down
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status to answer with, and for capacity a retry hint."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.code = code
+        self.retry_after_ms = retry_after_ms
+
+
+class _EdgeLeft(Exception):
+    """The edge is gone: nobody is left to answer, only the session to free."""
+
+
+def resumed_seed(seed: int, committed: int) -> int:
+    """The sampler seed of a seeded session resumed after ``committed`` tokens.
+
+    Restarting the original seed's stream would reuse the random numbers that already chose the committed
+    tokens, so the tokens after the resume would depend on those before in a way the target's distribution does
+    not. A seed derived from both is a fresh stream, and the same one wherever the session resumes at that point.
+    """
+    digest = hashlib.blake2b(f"{seed}:{committed}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1  # 0 would mean "let the server choose"
 
 
 class WispService(pb_grpc.WispServicer):
@@ -47,6 +73,9 @@ class WispService(pb_grpc.WispServicer):
         self.scheduler = scheduler
         self.metrics = scheduler.metrics
         self._sessions: dict[str, Session] = {}
+        self._warned_drafts: set[str] = set()  # target fingerprints of mismatched drafts already logged
+        self._inboxes: dict[str, queue.Queue] = {}  # by session: its stream's requests, and _GONE / _DRAIN
+        self._draining = False
         self._lock = threading.Lock()
 
     # --- RPCs -----------------------------------------------------------------
@@ -65,15 +94,21 @@ class WispService(pb_grpc.WispServicer):
     def Speculate(
         self, request_iterator: Iterator[pb.SpeculateRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.SpeculateResponse]:
+        """One session. Its requests are read on a thread of their own into an inbox, so the handler wakes at once
+        when the edge leaves (`context.add_callback`) or the server drains, and closes a session whose edge has
+        sent nothing for `session_idle_timeout` (a stalled edge)."""
         session, in_flight = None, None  # in_flight: a step the server queued on its own for the session
+        inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=_pump, args=(request_iterator, inbox), name="wisp-stream", daemon=True).start()
+        context.add_callback(lambda: self._edge_left(inbox, session))
         try:
-            first = next(request_iterator, None)
+            first = self._next_request(inbox)
             if first is None or first.WhichOneof("kind") != "open":
                 raise RequestError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "unknown session: a Speculate stream must start with an `open` message",
                 )
-            session = self._open(first.open)
+            session = self._open(first.open, inbox)
             yield pb.SpeculateResponse(
                 opened=pb.SessionOpened(
                     session_id=session.session_id,
@@ -82,7 +117,7 @@ class WispService(pb_grpc.WispServicer):
                     max_draft_tokens=self.config.max_draft_tokens,
                 )
             )
-            for message in request_iterator:
+            while (message := self._next_request(inbox)) is not None:
                 kind = message.WhichOneof("kind")
                 if kind == "close":
                     return
@@ -107,16 +142,70 @@ class WispService(pb_grpc.WispServicer):
                         pending.handled.set()
                     if verdict.finished:
                         return
+                    if self._draining:  # the round in flight is done; the edge resumes elsewhere
+                        raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
                     if round_number != message.draft.round:
                         self.metrics.server_decoded_tokens.inc(verdict.HasField("next_token"))
                     pending, in_flight, round_number = in_flight, None, round_number + 1
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
+            if session is not None:
+                session.error_code = error.code.name
+            if error.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after_ms)),))
             context.abort(error.code, str(error))
+        except _EdgeLeft:
+            return
         finally:
             self._settle(in_flight)
             if session is not None:
                 self._close(session)
+
+    def _next_request(self, inbox: queue.Queue) -> pb.SpeculateRequest | None:
+        """The stream's next request (None: the edge closed its side), within the idle timeout."""
+        timeout = self.config.session_idle_timeout
+        try:
+            item = inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise RequestError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no request from the edge in {timeout:g}s: the session is closed; reopen it with its committed "
+                "tokens to resume",
+            ) from None
+        if item is _DRAIN:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        if item is _GONE or isinstance(item, BaseException):
+            raise _EdgeLeft
+        return item
+
+    def _edge_left(self, inbox: queue.Queue, session: Session | None) -> None:
+        """gRPC's callback when the stream ends; for an edge that left, the scheduler forgets its session at once
+        (no batch held for its next round, its waiting round taken out) and the handler wakes to free it."""
+        inbox.put(_GONE)
+        if session is not None:
+            self.scheduler.withdraw(session.session_id)
+
+    def drain(self, grace: float) -> None:
+        """Graceful shutdown: admits no more sessions, tells every session waiting for its edge UNAVAILABLE at
+        once and the others as soon as their round in flight is answered, and waits up to ``grace`` seconds for
+        them all to end."""
+        with self._lock:
+            self._draining = True
+            inboxes = list(self._inboxes.values())
+        for inbox in inboxes:
+            inbox.put(_DRAIN)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._sessions:
+                    return
+            time.sleep(0.02)
+        log.warning("%d sessions still open after the %gs grace period", len(self._sessions), grace)
+
+    @property
+    def open_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
 
     def _decodes_itself(self, session: Session, verdict: pb.Verdict, context: grpc.ServicerContext) -> bool:
         """Whether the server decodes the session's next token itself: no draft pays at this load, and the edge
@@ -160,7 +249,13 @@ class WispService(pb_grpc.WispServicer):
                     return
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
+            if session is not None:
+                session.error_code = error.code.name
+            if error.retry_after_ms is not None:
+                context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after_ms)),))
             context.abort(error.code, str(error))
+        except _EdgeLeft:
+            return
         finally:
             self._settle(in_flight)
             if session is not None:
@@ -174,9 +269,26 @@ class WispService(pb_grpc.WispServicer):
             name=info.model_name,
             tokenizer_fingerprint=info.tokenizer_fingerprint,
             vocab_size=info.vocab_size,
+            target_fingerprint=info.target_fingerprint,
         )
 
-    def _open(self, open_msg: pb.OpenSession) -> Session:
+    def _check_draft_target(self, draft: pb.ModelIdentity) -> None:
+        """A draft trained for other weights of the same tokenizer verifies losslessly but is rarely accepted."""
+        ours = self.engine.info.target_fingerprint
+        if not draft.target_fingerprint or not ours or draft.target_fingerprint == ours:
+            return
+        message = (
+            f"draft {draft.name!r} was trained for target weights {draft.target_fingerprint!r}, but this server's "
+            f"target {self.engine.info.model_name!r} has {ours!r}: its drafts would rarely be accepted; train a "
+            "draft for this target (wisp-distill), or start the server with --draft-check warn to serve it anyway"
+        )
+        if self.config.draft_check == "refuse":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, message)
+        if self.config.draft_check == "warn" and draft.target_fingerprint not in self._warned_drafts:
+            self._warned_drafts.add(draft.target_fingerprint)
+            log.warning(message)
+
+    def _open(self, open_msg: pb.OpenSession, inbox: queue.Queue) -> Session:
         draft = open_msg.draft_model
         target = self.engine.info
         if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
@@ -186,15 +298,26 @@ class WispService(pb_grpc.WispServicer):
                 f"{draft.tokenizer_fingerprint!r} but target {target.model_name!r} has "
                 f"{target.tokenizer_fingerprint!r}; use a draft that shares the target's tokenizer",
             )
+        self._check_draft_target(draft)
+        sampling = open_msg.sampling
+        if open_msg.committed_token_ids and sampling.seed:
+            sampling = pb.SamplingParams()
+            sampling.CopyFrom(open_msg.sampling)
+            sampling.seed = resumed_seed(open_msg.sampling.seed, len(open_msg.committed_token_ids))
         session = self._start_session(
             list(open_msg.prompt_token_ids),
             list(open_msg.committed_token_ids),
-            open_msg.sampling,
+            sampling,
             open_msg.stop,
             open_msg.slo,
             features=open_msg.return_features,
         )
         session.accept_server_decoding = open_msg.accept_server_decoding
+        session.device_kind = open_msg.device.kind
+        with self._lock:
+            self._inboxes[session.session_id] = inbox
+            if self._draining:  # began while the session was being admitted
+                inbox.put(_DRAIN)
         return session
 
     def _start_session(
@@ -232,10 +355,13 @@ class WispService(pb_grpc.WispServicer):
         if session.room <= 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens is already reached")
         with self._lock:
+            if self._draining or self.scheduler.stopped:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
             if len(self._sessions) >= self.config.max_sessions:
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"the server is at its limit of {self.config.max_sessions} sessions; retry later",
+                    self.config.retry_after_ms,
                 )
             self._sessions[session.session_id] = session
             self.metrics.sessions_active.set(len(self._sessions))
@@ -246,12 +372,9 @@ class WispService(pb_grpc.WispServicer):
             with self._lock:
                 self._sessions.pop(session.session_id, None)
                 self.metrics.sessions_active.set(len(self._sessions))
-            code = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED
-                if isinstance(error, EngineFull)
-                else grpc.StatusCode.INVALID_ARGUMENT
-            )
-            raise RequestError(code, str(error)) from None
+            if isinstance(error, EngineFull):
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), self.config.retry_after_ms) from None
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         self.metrics.sessions.inc()
         return session
 
@@ -273,8 +396,21 @@ class WispService(pb_grpc.WispServicer):
         self.scheduler.expect(session.session_id, None)
         with self._lock:
             self._sessions.pop(session.session_id, None)
+            self._inboxes.pop(session.session_id, None)
             self.metrics.sessions_active.set(len(self._sessions))
         self.engine.remove_session(session.session_id)
+        self._record_end(session)
+
+    def _record_end(self, session: Session) -> None:
+        """How the session ended, for the metrics: its stop condition, a refusal, or its edge leaving first."""
+        reason = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}.get(session.finish_reason)
+        if reason is None:
+            errors = {"": "cancelled", "UNAVAILABLE": "unavailable", "DEADLINE_EXCEEDED": "timeout"}
+            reason = errors.get(session.error_code, "error")
+        first, last, tokens = session.first_token_at, session.last_token_at, session.committed_here
+        ttft = None if first is None else first - session.opened_at
+        tpot = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
+        self.metrics.session_ended(session.device_kind, reason, session.slo, ttft, tpot, tokens)
 
     def _check_token_ids(self, tokens: list[int], what: str) -> None:
         vocab = self.engine.info.vocab_size
@@ -315,7 +451,7 @@ class WispService(pb_grpc.WispServicer):
         try:
             self.scheduler.submit(pending)
         except SchedulerStopped as error:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{error}; resume on another server") from None
         return pending
 
     def _queue_decode_step(self, session: Session) -> PendingRound:
@@ -328,10 +464,15 @@ class WispService(pb_grpc.WispServicer):
         try:
             result = pending.future.result()
         except SchedulerStopped as error:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
-        except Exception as error:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{error}; resume on another server") from None
+        except RoundWithdrawn:
+            raise _EdgeLeft from None
+        except Exception as error:  # only this batch's sessions end; the engine serves on
             log.exception("round of session %s failed", session.session_id)
-            raise RequestError(grpc.StatusCode.INTERNAL, f"verification failed: {error}") from None
+            raise RequestError(
+                grpc.StatusCode.INTERNAL, f"verification failed: {error!r}; the session is closed"
+            ) from None
+        first_token = session.first_token_at is None
         commit = session.commit(drafts, result.verification)
         verdict = pb.Verdict(
             round=round_number,
@@ -357,6 +498,9 @@ class WispService(pb_grpc.WispServicer):
         m.draft_tokens.inc(len(drafts))
         m.accepted_tokens.inc(commit.num_accepted)
         m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
+        m.round_verified(session.device_kind, len(drafts), commit.num_accepted)
+        if first_token:
+            m.first_token(session.device_kind, session.first_token_at - session.opened_at)
         waited = result.queue_seconds + result.verify_seconds  # from arrival to the batch's end
         m.round_overhead_seconds.observe(time.monotonic() - pending.arrival - waited)
         return verdict
@@ -383,3 +527,13 @@ class WispService(pb_grpc.WispServicer):
             est_queue_seconds=self.scheduler.estimator.estimate(self.scheduler.waiting_shapes()),
             est_verify_seconds=batch_seconds(SequenceShape(len(session.context), 1 + session.next_drafts)),
         )
+
+
+def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue) -> None:
+    """Moves a stream's requests into its inbox; then None when the edge closes its side, or the error."""
+    try:
+        for request in requests:
+            inbox.put(request)
+        inbox.put(None)
+    except grpc.RpcError as error:  # the stream ended under it: cancelled, or the server aborted it
+        inbox.put(error)

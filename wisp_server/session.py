@@ -42,6 +42,11 @@ class Session:
     accept_server_decoding: bool = False  # the edge takes tokens the server decodes on its own
     verdict_sent_at: float | None = None  # when its last verdict left (monotonic)
     turnaround: float | None = None  # smoothed: from a verdict's sending to the next round's arrival
+    device_kind: str = ""  # the edge's DeviceInfo.kind, for metric labels
+    last_token_at: float | None = None  # when this stream last committed a token (monotonic)
+    committed_here: int = 0  # tokens this stream committed (a resumed session's earlier ones are not counted)
+    finish_reason: int = pb.FINISH_REASON_UNSPECIFIED  # of its last commit
+    error_code: str = ""  # the gRPC status of the refusal that ended the stream, if one did
 
     def round_arrived(self, at: float) -> None:
         """Learns the session's turnaround (network both ways, drafting) from a round arriving at ``at``."""
@@ -99,6 +104,9 @@ class Session:
                 reason = pb.FINISH_REASON_LENGTH
             tokens = tokens[: self.room]
         self.context += tokens
+        self.committed_here += len(tokens)
+        self.last_token_at = time.monotonic()
+        self.finish_reason = reason
         accepted = min(verification.num_accepted, len(tokens))
         next_token = tokens[-1] if len(tokens) > accepted else None
         return Commit(accepted, next_token, reason)

@@ -21,6 +21,7 @@ assumption.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -341,6 +342,12 @@ class ModeledVerificationEngine(VerificationEngine):
                         f"this session needs {session.reserved}"
                     )
             self._sessions[session_id] = session
+
+    def kv_cache_usage(self) -> float:
+        if self.kv_capacity_tokens is None:
+            return math.nan
+        with self._lock:
+            return sum(s.reserved for s in self._sessions.values()) / self.kv_capacity_tokens
 
     def _match(self, context: list[int]) -> _Session:
         """The recorded prompt that starts ``context``, whose answer the rest of ``context`` follows."""

@@ -25,15 +25,24 @@ exact for sampling too (see wisp_common.verification).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
-from wisp_server.engines.base import EngineFull, EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import (
+    EngineDead,
+    EngineFull,
+    EngineInfo,
+    RoundRequest,
+    RoundVerdict,
+    VerificationEngine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +189,72 @@ class FeatureTap:
         return self.rows.pop(request_id, [])
 
 
+# EngineArgs WISP's hooks depend on, or that its own options set: --vllm-engine-args may not change them.
+RESERVED_ENGINE_ARGS = frozenset(
+    {
+        "model",
+        "scheduler_cls",
+        "speculative_config",
+        "async_scheduling",
+        "enable_prefix_caching",
+        "max_model_len",
+        "max_num_seqs",
+    }
+)
+
+
+def engine_args(config: ServerConfig, model_path: str, dtype: str, settings: DeviceSettings) -> dict[str, Any]:
+    """vLLM's EngineArgs for this server, as keywords (all but the scheduler class, which imports vLLM).
+
+    WISP's own choices first; then the GPU settings (--gpu-memory-utilization sizes the KV cache from the GPU's
+    memory instead of --kv-cache-gib; tensor and pipeline parallel sizes); then --vllm-engine-args, a JSON object
+    of any other EngineArgs (e.g. ``distributed_executor_backend: ray`` across nodes), except those in
+    `RESERVED_ENGINE_ARGS`.
+    """
+    extra = json.loads(config.vllm_engine_args) if config.vllm_engine_args else {}
+    if not isinstance(extra, dict):
+        raise ValueError(f"--vllm-engine-args must be a JSON object, not {config.vllm_engine_args!r}")
+    reserved = sorted(RESERVED_ENGINE_ARGS & set(extra))
+    if reserved:
+        raise ValueError(
+            f"--vllm-engine-args may not set {reserved}: WISP sets them (use --max-context-tokens, --max-sessions)"
+        )
+    by_memory = config.gpu_memory_utilization > 0
+    keywords: dict[str, Any] = {
+        "model": model_path,
+        "dtype": dtype,
+        "max_model_len": config.max_context_tokens + 1,
+        "block_size": settings.block_size,
+        "max_num_seqs": config.max_sessions,
+        "max_num_batched_tokens": max(config.max_batch_tokens, config.max_context_tokens + 1),
+        "kv_cache_memory_bytes": None if by_memory else int(config.kv_cache_gib * 2**30),
+        "enable_prefix_caching": False,
+        "enforce_eager": settings.enforce_eager,
+        "async_scheduling": False,
+        "speculative_config": {
+            "method": "custom_class",
+            "model": f"{__name__}.NullProposer",
+            "num_speculative_tokens": config.max_draft_tokens,
+        },
+        "seed": 0,
+        "tensor_parallel_size": config.tensor_parallel_size,
+        "pipeline_parallel_size": config.pipeline_parallel_size,
+    }
+    if by_memory:
+        keywords["gpu_memory_utilization"] = config.gpu_memory_utilization
+    return {**keywords, **extra}
+
+
+def _feature_tap(executor) -> FeatureTap | None:
+    """The tap on the model runner where it runs in this process (one device). With tensor or pipeline
+    parallelism the runners live in worker processes (or Ray actors), and no session can have features."""
+    try:
+        runner = executor.driver_worker.worker.model_runner
+    except AttributeError:
+        return None
+    return FeatureTap(runner)
+
+
 @dataclass
 class _Session:
     context: list[int]
@@ -203,31 +278,13 @@ class VllmVerificationEngine(VerificationEngine):
             _patch_cpu_rejection_sampler()
         self.info = info
         self.max_draft_tokens = config.max_draft_tokens
-        self.max_model_len = config.max_context_tokens + 1
-        self.block_size = settings.block_size
-        args = EngineArgs(
-            model=model_path,
-            dtype=dtype,
-            max_model_len=self.max_model_len,
-            block_size=self.block_size,
-            max_num_seqs=config.max_sessions,
-            max_num_batched_tokens=max(config.max_batch_tokens, config.max_context_tokens + 1),
-            kv_cache_memory_bytes=int(config.kv_cache_gib * 2**30),
-            enable_prefix_caching=False,
-            enforce_eager=settings.enforce_eager,
-            async_scheduling=False,
-            scheduler_cls=_scheduler_class(),
-            speculative_config={
-                "method": "custom_class",
-                "model": f"{__name__}.NullProposer",
-                "num_speculative_tokens": config.max_draft_tokens,
-            },
-            seed=0,
-        )
-        self.engine = LLMEngine.from_engine_args(args)
+        keywords = engine_args(config, model_path, dtype, settings)
+        self.max_model_len = keywords["max_model_len"]
+        self.block_size = keywords["block_size"]
+        self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
         core = self.engine.engine_core.engine_core
         self.scheduler = core.scheduler
-        self.tap = FeatureTap(core.model_executor.driver_worker.worker.model_runner)
+        self.tap = _feature_tap(core.model_executor)
         self.total_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
         self._sessions: dict[str, _Session] = {}
         self._to_abort: list[str] = []
@@ -257,6 +314,11 @@ class VllmVerificationEngine(VerificationEngine):
                     f"{self.block_size} tokens, and this session may need {blocks}; retry later or "
                     "ask for fewer tokens"
                 )
+            if features and self.tap is None:
+                raise ValueError(
+                    "target features need the model to run in the server's process: tensor and pipeline parallel "
+                    "size 1 (run a draft that is not conditioned on features)"
+                )
             self._reserved += blocks
             params = VllmSamplingParams(
                 temperature=sampling.temperature,
@@ -279,6 +341,9 @@ class VllmVerificationEngine(VerificationEngine):
             if session.request_id is not None:
                 self._to_abort.append(session.request_id)  # freed by the engine thread
 
+    def kv_cache_usage(self) -> float:
+        return self._reserved / self.total_blocks
+
     def uncached_tokens(self, session_id: str) -> int:
         with self._lock:
             session = self._sessions[session_id]
@@ -294,7 +359,7 @@ class VllmVerificationEngine(VerificationEngine):
             sessions = [self._sessions[r.session_id] for r in batch]
         if aborts:
             self.engine.abort_request(aborts, internal=True)
-            for request_id in aborts:
+            for request_id in aborts if self.tap is not None else ():
                 self.tap.wanted.discard(request_id)
                 self.tap.take(request_id)
 
@@ -353,6 +418,8 @@ class VllmVerificationEngine(VerificationEngine):
 
     def _run(self, plan: dict[str, list[int]], ids: dict[str, str]) -> dict[str, list[int]]:
         """Steps vLLM until every planned request has its tokens (a long prefill may take several steps)."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         produced: dict[str, list[int]] = {}
         waiting = dict(plan)
         try:
@@ -369,5 +436,7 @@ class VllmVerificationEngine(VerificationEngine):
                 if not waiting:
                     return produced
             raise RuntimeError(f"vLLM produced no tokens for {sorted(waiting)}")
+        except EngineDeadError as error:  # its engine core is gone: no later step can run
+            raise EngineDead(str(error)) from error
         finally:
             self.scheduler.plan = {}
