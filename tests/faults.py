@@ -9,10 +9,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.request import urlopen
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from wisp_bench.server_metrics import scrape
 from wisp_common.config import EdgeConfig
 from wisp_common.models import load_causal_lm, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
@@ -47,12 +45,7 @@ def tiny_server(target: str, port: int = 0, *extra: str, **options) -> ServerPro
 
 def metrics(server: ServerProcess) -> dict[str, float]:
     """The server's metrics over HTTP, by sample name (labels summed)."""
-    text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[s.name] = samples.get(s.name, 0.0) + s.value
-    return samples
+    return scrape(server.metrics_port)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.02) -> float:

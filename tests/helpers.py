@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.error import URLError
+from urllib.request import urlopen
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -94,3 +102,37 @@ def running_server(target: str, **options) -> Iterator:
         yield server
     finally:
         server.stop(grace=1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def edge_daemon(server: str, draft: str, log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`wisp-edge serve` as a child process; yields its base URL once /health answers, stops it with SIGTERM."""
+    port = free_port()
+    command = [sys.executable, "-m", "wisp_edge.cli", "serve", "--server", server, "--draft-model", draft]
+    command += ["--port", str(port), "--threads", "1", *args]
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, f"wisp-edge serve exited:\n{log.read_text()}"
+            try:
+                if urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except (URLError, ConnectionError):
+                pass
+            assert time.monotonic() < deadline, f"wisp-edge serve did not come up:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    # uvicorn shuts down cleanly, then re-raises the signal so that the exit status tells what stopped it
+    assert code == -signal.SIGTERM and "Application shutdown complete" in log.read_text(), log.read_text()

@@ -9,24 +9,16 @@ SLO) every metric a panel or an alert names has samples in a real scrape.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from urllib.error import URLError
 from urllib.request import Request, urlopen
 
 import grpc
 import pytest
 import yaml
 from conftest import make_client
-from helpers import running_server
+from helpers import edge_daemon, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
@@ -216,48 +208,15 @@ def scrape(port: int) -> set[str]:
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def edge_daemon(server: str, draft: str, log: Path) -> Iterator[int]:
-    """`wisp-edge serve` as a child process; yields its port once /health answers."""
-    port = free_port()
-    command = [sys.executable, "-m", "wisp_edge.cli", "serve", "--server", server, "--draft-model", draft]
-    command += ["--port", str(port), "--threads", "1", "--max-new-tokens", "16"]
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, f"wisp-edge serve exited:\n{log.read_text()}"
-            try:
-                if urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                    break
-            except (URLError, ConnectionError):
-                pass
-            assert time.monotonic() < deadline, f"wisp-edge serve did not come up:\n{log.read_text()}"
-            time.sleep(0.5)
-        yield port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-
-
 @pytest.mark.slow
 def test_after_a_short_run_every_panel_and_alert_has_data(tiny_pair, smollm2_tokenizer, tmp_path):
     with running_server(tiny_pair[0], engine="hf", metrics_port=0) as server:
         address = f"127.0.0.1:{server.port}"
-        with edge_daemon(address, tiny_pair[1], tmp_path / "edge.log") as edge_port:
+        with edge_daemon(address, tiny_pair[1], tmp_path / "edge.log", "--max-new-tokens", "16") as edge:
             body = json.dumps({"model": "any", "prompt": "The sea is", "max_tokens": 12, "temperature": 0})
-            request = Request(
-                f"http://127.0.0.1:{edge_port}/v1/completions", body.encode(), {"Content-Type": "application/json"}
-            )
+            request = Request(f"{edge}/v1/completions", body.encode(), {"Content-Type": "application/json"})
             assert json.loads(urlopen(request, timeout=120).read())["choices"][0]["text"]
-            edge_samples = scrape(edge_port)
+            edge_samples = scrape(int(edge.rsplit(":", 1)[1]))
         client = make_client(address, tiny_pair[1], smollm2_tokenizer)
         client.device = pb.DeviceInfo(device_id="pi", kind="raspberry-pi-5")
         prompt = smollm2_tokenizer.encode("The capital of France is")

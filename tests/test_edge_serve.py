@@ -9,16 +9,12 @@ disconnects, metrics) must behave as documented in docs/edge-daemon.md.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from urllib.request import urlopen
 
 import grpc
@@ -26,7 +22,7 @@ import httpx
 import openai
 import pytest
 from conftest import make_client
-from helpers import running_server
+from helpers import edge_daemon, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from wisp_common.config import EdgeConfig
@@ -38,40 +34,6 @@ from wisp_edge.chat import conversation_ids, run_chat
 API_KEY = "sk-test-edge"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 PROMPT = "The sea is"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def edge_daemon(server: str, draft: str, log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`wisp-edge serve` as a child process; yields its base URL once /health answers, stops it with SIGTERM."""
-    port = free_port()
-    command = [sys.executable, "-m", "wisp_edge.cli", "serve", "--server", server, "--draft-model", draft]
-    command += ["--port", str(port), "--threads", "1", *args]
-    with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert process.poll() is None, f"wisp-edge serve exited:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"wisp-edge serve did not come up:\n{log.read_text()}"
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-    # uvicorn shuts down cleanly, then re-raises the signal so that the exit status tells what stopped it
-    assert code == -signal.SIGTERM and "Application shutdown complete" in log.read_text(), log.read_text()
 
 
 @pytest.fixture(scope="module")
