@@ -21,10 +21,16 @@
    retrieval-augmented answers) and MT-Bench as one more category. Each pass
    starts every device with an empty history, and a history never holds an
    answer to the prompt being answered.
+5. sampled (only when asked for): tokens per round of sampled sessions at
+   each of --temperatures, the draft and prompt lookup at a fixed length
+   (--sampled-length; 0: the speculation controller), with the drafts'
+   probabilities sent (the server accepts a draft with min(1, p/q)) and
+   without (point masses: p).
 
     python -m benchmarks.draft_quality                     # the default pair
     python -m benchmarks.draft_quality --draft-model DIR --server-prompts 20
     python -m benchmarks.draft_quality --stages sources --per-category 4
+    python -m benchmarks.draft_quality --stages sampled --server-prompts 16 --answer-tokens 64
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ VARIANTS = {  # result key: (legend, colour)
     "tokens_per_round": ("draft + prompt lookup (the edge's default)", "tab:blue"),
     "tokens_per_round_draft_alone": ("draft alone", "tab:gray"),
 }
-STAGES = ("agreement", "rounds", "cost", "sources")
+STAGES = ("agreement", "rounds", "cost", "sources", "sampled")
 SOURCES = {  # stage 4's variants: (draft, prompt lookup, suffix index)
     "draft": (True, False, False),
     "lookup": (False, True, False),
@@ -100,14 +106,21 @@ def agreement_with_lookup(draft_model, samples, lookup) -> float:
 
 
 def tokens_per_round(
-    args, prompts: list[list[int]], make_drafter, length: int | None, categories: list[str] | None = None
+    args,
+    prompts: list[list[int]],
+    make_drafter,
+    length: int | None,
+    categories: list[str] | None = None,
+    sampling=None,
 ) -> dict:
     """Sessions through a real server, ``concurrency`` at once (each device with its own drafter); ``length``
-    None: the adaptive controller. With ``categories`` (one per prompt), tokens and rounds per category too."""
+    None: the adaptive controller. With ``categories`` (one per prompt), tokens and rounds per category too.
+    ``sampling`` (a SamplingParams): the sessions' sampling, greedy if None."""
     import grpc
 
     from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.request import SamplingParams
     from wisp_edge.client import EdgeClient
     from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
 
@@ -129,7 +142,12 @@ def tokens_per_round(
                 if not work:
                     return
                 prompt, category = work.pop()
-            stats = client.generate(prompt, max_new_tokens=args.answer_tokens, draft_tokens=length or 8).stats
+            stats = client.generate(
+                prompt,
+                max_new_tokens=args.answer_tokens,
+                draft_tokens=length or 8,
+                sampling=sampling or SamplingParams(),
+            ).stats
             with lock:
                 for key, value in (("tokens", stats.generated), ("rounds", stats.rounds)):
                     totals[key] += value
@@ -197,6 +215,28 @@ def by_source(args, tokenizer, lookup) -> dict:
         result["tokens_per_round"][name] = {**per_category, "all": totals["tokens"] / totals["rounds"]}
         result["runs"][name] = totals
         print(f"  {name}: {result['tokens_per_round'][name]['all']:.2f} tokens/round", file=sys.stderr)
+    return result
+
+
+def sampled(args, prompts: list[list[int]], lookup) -> dict:
+    """Stage 5: tokens per round of sampled sessions, the drafts' probabilities sent or not, per temperature."""
+    from wisp_common.request import SamplingParams
+    from wisp_edge.draft_loader import drafter_factory
+
+    result: dict = {"prompts": len(prompts), "tokens_per_round": {}, "runs": {}}
+    for temperature in args.temperatures:
+        sampling = SamplingParams(temperature=temperature)
+        for name, with_q in (("with probabilities", True), ("point masses", False)):
+            make_drafter = drafter_factory(args.draft_model, sampling, lookup=lookup, draft_probabilities=with_q)
+            length = args.sampled_length or None
+            totals = tokens_per_round(args, prompts, make_drafter, length, sampling=sampling)
+            result["tokens_per_round"].setdefault(str(temperature), {})[name] = totals["tokens"] / totals["rounds"]
+            result["runs"][f"{temperature}/{name}"] = totals
+            result["acceptance"] = {
+                **result.get("acceptance", {}),
+                f"{temperature}/{name}": totals["accepted"] / max(totals["sent"], 1),
+            }
+            print(f"  temperature {temperature}, {name}: {totals['tokens'] / totals['rounds']:.2f}", file=sys.stderr)
     return result
 
 
@@ -282,11 +322,17 @@ def main() -> int:
     parser.add_argument("--cost-turns", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads in this process")
     parser.add_argument(
-        "--stages", nargs="+", choices=STAGES, default=list(STAGES), help="agreement, rounds and cost run together"
+        "--stages",
+        nargs="+",
+        choices=STAGES,
+        default=list(STAGES[:4]),
+        help="agreement, rounds and cost run together; sampled runs only when named",
     )
     parser.add_argument("--source-prompts", nargs="+", default=[str(BEYOND_CHAT), str(MT_BENCH)], help="stage 4")
     parser.add_argument("--per-category", type=int, default=10, help="stage 4: prompts per category")
     parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES), help="stage 4")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0], help="stage 5 (sampled)")
+    parser.add_argument("--sampled-length", type=int, default=4, help="stage 5: drafts per round (0: the controller)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     classic = set(STAGES[:3]) <= set(args.stages)
@@ -346,10 +392,21 @@ def main() -> int:
         if "sources" in args.stages:
             print(f"4/4 tokens per round by source and category (at most {SOURCE_LENGTH} drafts)", file=sys.stderr)
             sources = by_source(args, tokenizer, lookup)
+        if "sampled" in args.stages:
+            print(f"5/5 sampled sessions, temperatures {args.temperatures}", file=sys.stderr)
+            sampled_rounds = sampled(args, prompts[: args.server_prompts], lookup)
     if sources:
         print_sources(sources)
+    if "sampled" in args.stages:
+        table = sampled_rounds["tokens_per_round"]
+        print_table(
+            ["temperature", "tokens/round, probabilities sent", "point masses"],
+            [[t, round(v["with probabilities"], 2), round(v["point masses"], 2)] for t, v in table.items()],
+        )
+        print(f"wrote {write_json('draft_quality_sampled', {'sampled': sampled_rounds, 'args': vars(args)})}")
     if not classic:
-        print(f"wrote {write_json('draft_quality_sources', {'sources': sources, 'args': vars(args)})}")
+        if sources:
+            print(f"wrote {write_json('draft_quality_sources', {'sources': sources, 'args': vars(args)})}")
         return 0
 
     print("3/4 cost per token at batch 1", file=sys.stderr)

@@ -17,6 +17,7 @@ from scipy.stats import chisquare
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
+from wisp_common.verification import DraftDistribution
 from wisp_edge.drafter import ModelDrafter
 from wisp_server.engines.base import EngineFull, EngineInfo, RoundRequest, VerificationEngine
 from wisp_server.engines.hf_engine import HFVerificationEngine
@@ -213,3 +214,77 @@ def test_verdicts_carry_the_target_features_of_every_committed_position(target, 
         assert features.shape == (len(context) - 1, model.config.hidden_size)  # the last token is not computed yet
         expected = model.model(input_ids=torch.tensor([context[:-1]])).last_hidden_state[0]
         torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
+
+
+def pooled_pvalue(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Chi-square with the cells expected fewer than 5 times pooled into one: tiny cells make the test unreliable."""
+    rare = expected < 5
+    observed, wanted = counts[~rare], expected[~rare]
+    if rare.any():
+        observed = torch.cat([observed, counts[rare].sum().view(1)])
+        wanted = torch.cat([wanted, expected[rare].sum().view(1)])
+    return float(chisquare(observed.numpy(), wanted.numpy()).pvalue)
+
+
+def top_q(p: torch.Tensor, support: int) -> DraftDistribution:
+    """A sparse proposal near p (sharpened, truncated to ``support`` tokens): a draft's q, as the edge sends it."""
+    sharp = p**2 / (p**2).sum()
+    top = sharp.topk(support)
+    q = top.values / top.values.sum()
+    return DraftDistribution(tuple(top.indices.tolist()), tuple(q.tolist()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", WITH_CUDA)
+@pytest.mark.parametrize("stated", ["as-sampled", "misstated"])
+@torch.inference_mode()
+def test_drafts_sent_with_their_probabilities_keep_the_target_distribution(
+    tmp_path, smollm2_tokenizer, backend, stated
+):
+    """Two drafts sampled from sparse q's and sent with them: the first two committed tokens follow the target's
+    marginals. Sending another q than the drafts were sampled from (reversed probabilities) must fail the same
+    check: the engine really applies min(1, p/q) with the q it is sent, and the check can tell."""
+    vocab, sessions, chunk = 16, 2000, 500
+    target = tiny_llama(vocab, layers=1, seed=3, hidden=64, heads=2)
+    path = save_with_tokenizer(target, smollm2_tokenizer, tmp_path / "target")
+    prompt = [1, 2, 3]
+    p1 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1], -1)
+    p2 = sum(p1[t] * torch.softmax(target(torch.tensor([prompt + [t]])).logits[0, -1], -1) for t in range(vocab))
+    after = torch.softmax(target(torch.tensor([prompt + [int(p1.argmax())]])).logits[0, -1], -1)
+    proposals = (top_q(p1, 6), top_q(after, 6))  # any q is exact, as long as the draft is sampled from it
+    sent = tuple(q if stated == "as-sampled" else DraftDistribution(q.token_ids, q.probs[::-1]) for q in proposals)
+
+    engine = make_engine(backend, target, path, max_sessions=chunk)
+    rng = torch.Generator().manual_seed(11)
+    tokens: list[list[int]] = []
+    accepted = 0
+    for start in range(0, sessions, chunk):
+        ids = [str(s) for s in range(start, start + chunk)]
+        requests = []
+        for s in ids:
+            engine.add_session(s, prompt, SamplingParams(temperature=1.0, seed=int(s) + 1), 16)
+            drafts = tuple(
+                q.token_ids[int(torch.multinomial(torch.tensor(q.probs), 1, generator=rng))] for q in proposals
+            )
+            requests.append(RoundRequest(s, drafts, sent))
+        results = engine.verify(requests)
+        accepted += sum(v.num_accepted for v in results)
+        got = [list(r.drafts[: v.num_accepted]) + [v.next_token] for r, v in zip(requests, results)]
+        short = [i for i, t in enumerate(got) if len(t) < 2]
+        for i, v in zip(short, engine.verify([RoundRequest(ids[i], ()) for i in short]) if short else ()):
+            got[i].append(v.next_token)
+        tokens += got
+        for s in ids:
+            engine.remove_session(s)
+
+    pvalues = []
+    for position, p in ((0, p1), (1, p2)):
+        counts = torch.bincount(torch.tensor([t[position] for t in tokens]), minlength=vocab).float()
+        pvalues.append(pooled_pvalue(counts, p * sessions))
+    if stated == "as-sampled":
+        assert min(pvalues) > 1e-3, pvalues
+        # Far more than point masses would get: sum_x q(x) p(x) for the first draft.
+        point_mass = float(sum(q * p1[t] for t, q in zip(proposals[0].token_ids, proposals[0].probs)))
+        assert accepted / sessions > point_mass + 0.1
+    else:  # vllm checks a first round's first draft against its prefill's own sample, without q: position 1 tells
+        assert min(pvalues) < 1e-6, pvalues

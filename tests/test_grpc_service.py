@@ -111,7 +111,8 @@ def test_a_full_session_commits_what_the_target_would(stub, smollm2_tokenizer, t
         ("second open", grpc.StatusCode.FAILED_PRECONDITION, "already open"),
     ],
 )
-def test_bad_requests_are_refused_with_a_clear_status(stub, smollm2_tokenizer, case, code, words):
+def test_bad_requests_are_refused_with_a_clear_status(stub, smollm2_tokenizer, target_model, case, code, words):
+    """Each ends only its own stream: a session after it is served exactly as the target alone would."""
     good = open_request(smollm2_tokenizer)
     messages = {
         "wrong tokenizer": [open_request(smollm2_tokenizer, fingerprint="0123456789abcdef")],
@@ -127,6 +128,7 @@ def test_bad_requests_are_refused_with_a_clear_status(stub, smollm2_tokenizer, c
     error = refused(stub, messages)
     assert error.code() == code
     assert words in error.details()
+    assert generated(stub, PROMPT, 8) == reference_greedy(target_model, PROMPT, 8)
 
 
 def test_session_limit_is_resource_exhausted_and_frees_on_close(tiny_server, stub, smollm2_tokenizer):

@@ -163,6 +163,11 @@ class EdgeConfig:
     suffix_min_probability: float = _opt(
         0.1, "suffix decoding: stop a proposal where its estimated probability of being right falls below this"
     )
+    draft_probabilities: bool = _opt(
+        True,
+        "sampled sessions: send each draft's probabilities (its top tokens' q), so the server accepts it with "
+        "probability min(1, p/q) rather than p (off: drafts are point masses)",
+    )
     pipeline: bool = _opt(True, "keep drafting the next round while one is being verified")
     server_decoding: bool = _opt(
         True, "adaptive: where no draft pays at the server's load, let it decode the session itself (no round trips)"

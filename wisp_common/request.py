@@ -24,10 +24,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def validate(self) -> None:
-        if self.temperature < 0 or not 0.0 <= self.top_p <= 1.0 or self.top_k < 0:
-            raise ValueError(f"sampling needs temperature >= 0, 0 <= top_p <= 1 and top_k >= 0, got {self}")
-
     def to_proto(self) -> pb.SamplingParams:
         return pb.SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
 

@@ -83,6 +83,7 @@ def build_clients(config: EdgeConfig, count: int):
         config.device,
         PromptLookup.of(config),
         SuffixDecoding.of(config),
+        config.draft_probabilities,
     )
     identity = draft_identity(config.draft_model, tokenizer)
     # With a token the server knows the device from it: an edge that names none is the token's.

@@ -26,6 +26,7 @@ from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo
+from wisp_common.verification import DraftDistribution
 from wisp_edge.controller import FixedLength, RoundTiming, SpeculationController, SpeculationMode
 from wisp_edge.drafter import Drafter
 
@@ -344,7 +345,12 @@ class EdgeClient:
                 count = 0 if server_decoding else self._round_length(controller, timing, room, stats)
                 drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
                 if not server_decoding:
-                    round_ = pb.DraftRound(round=stats.rounds, position=position, token_ids=drafts)
+                    round_ = pb.DraftRound(
+                        round=stats.rounds,
+                        position=position,
+                        token_ids=drafts,
+                        draft_probabilities=draft_probabilities(self.drafter.proposals[:count]),
+                    )
                     requests.put(pb.SpeculateRequest(draft=round_))
                 sent_at, pipelined = time.monotonic(), stats.pipelined
                 deadline = sent_at + self.resume.wait_limit(timing.queue + timing.verify + timing.rtt)
@@ -433,6 +439,14 @@ class EdgeClient:
         response = _next(inbox, deadline)
         stats.idle_seconds += time.monotonic() - started
         return response
+
+
+def draft_probabilities(proposals: Sequence[DraftDistribution | None]) -> list[pb.DraftProbabilities]:
+    """The round's DraftRound.draft_probabilities: none when every draft is a point mass (what older edges send),
+    else one entry per draft, empty for a point mass."""
+    if all(proposal is None for proposal in proposals):
+        return []
+    return [pb.DraftProbabilities() if proposal is None else proposal.to_proto() for proposal in proposals]
 
 
 def _next(inbox: queue.Queue, deadline: float) -> tuple[float, pb.SpeculateResponse]:

@@ -20,6 +20,7 @@ def drafter_factory(
     device: str = "auto",
     lookup: PromptLookup | None = None,
     suffix: SuffixDecoding | None = None,
+    draft_probabilities: bool = True,
 ) -> Callable[[], Drafter]:
     """Loads a draft model once; each call makes a drafter over it (one per device, sharing the weights; with
     ``suffix``, each drafter keeps its own device history).
@@ -29,6 +30,10 @@ def drafter_factory(
     path, device = resolve_model(name), resolve_device(device)
     if is_eagle_model(path):
         eagle = load_eagle_model(path, dtype, device)
-        return lambda: EagleDrafter(eagle, sampling, lookup, None if suffix is None else suffix.decoder())
+        return lambda: EagleDrafter(
+            eagle, sampling, lookup, None if suffix is None else suffix.decoder(), draft_probabilities
+        )
     model = load_causal_lm(path, dtype, device)
-    return lambda: ModelDrafter(model, sampling, lookup, None if suffix is None else suffix.decoder())
+    return lambda: ModelDrafter(
+        model, sampling, lookup, None if suffix is None else suffix.decoder(), draft_probabilities
+    )

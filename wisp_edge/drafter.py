@@ -7,6 +7,13 @@ own token into the context. Drafts after them survive only where the
 server's token equals the draft in its place: that is pipelined drafting
 paying off (the drafter guessed the bonus token and kept going).
 
+For a sampled session a drafter samples each draft from the top
+`PROPOSAL_TOKENS` tokens of its temperature/top-k/top-p-adjusted distribution,
+renormalised, and keeps that sparse q (`proposals`): the edge sends it, and the
+server accepts the draft with probability min(1, p/q) (wisp_common.verification).
+Copied drafts (prompt lookup, suffix index) are deterministic: point masses,
+sent without q.
+
 Two kinds share this logic:
 
 * `ModelDrafter`: any HuggingFace causal LM with the target's tokenizer,
@@ -25,9 +32,13 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from wisp_common.request import SamplingParams
-from wisp_common.verification import target_distribution
+from wisp_common.verification import DraftDistribution, target_distribution
 from wisp_edge.lookup import PromptLookup
 from wisp_edge.suffix import SuffixDecoder
+
+# The support of a sampled draft's q: its likeliest tokens. Few enough to send cheaply (8 bytes a token),
+# enough that little of the draft's mass is cut off.
+PROPOSAL_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -57,22 +68,27 @@ class Drafter(ABC):
         device: str | torch.device = "cpu",
         lookup: PromptLookup | None = None,
         suffix: SuffixDecoder | None = None,
+        draft_probabilities: bool = True,
     ):
+        """``draft_probabilities``: sample drafts from a sparse q kept in `proposals` (off: from the whole
+        distribution, every draft sent as a point mass, as edges before draft probabilities did)."""
         self.sampling = sampling
         self.lookup = lookup
         self.suffix = suffix
+        self.draft_probabilities = draft_probabilities
         self.generator = torch.Generator(device=device)
         if sampling.seed:
             self.generator.manual_seed(sampling.seed)
         self.tokens: list[int] = []  # committed context
         self.pending: list[int] = []  # drafted, not confirmed yet
         self.signals: list[DraftSignals] = []  # one per pending draft
+        self.proposals: list[DraftDistribution | None] = []  # one per pending draft: its q, None for a point mass
 
     def start(self, context: Sequence[int]) -> None:
         """Begins a session whose committed context is ``context``."""
         if self.suffix is not None:
             self.suffix.start(context, previous=self.tokens)
-        self.tokens, self.pending, self.signals = list(context), [], []
+        self.tokens, self.pending, self.signals, self.proposals = list(context), [], [], []
         self._reset()
 
     def draft_one(self) -> int | None:
@@ -83,13 +99,14 @@ class Drafter(ABC):
         logits, vocab_ids = out
         signals = signals_of(logits)
         copied = self._copied(signals.top1)
+        proposal = None
         if copied is not None:
             token, signals = copied[0], replace(signals, lookup=True, suffix=copied[1])
         else:
-            index = self._pick(logits)
-            token = index if vocab_ids is None else int(vocab_ids[index])
+            token, proposal = self._pick(logits, vocab_ids)
         self.pending.append(token)
         self.signals.append(signals)
+        self.proposals.append(proposal)
         return token
 
     def draft(self, n: int) -> list[int]:
@@ -109,6 +126,7 @@ class Drafter(ABC):
             if rest and rest[0] == next_token:
                 kept = len(rest) - 1
         self.pending, self.signals = rest[len(rest) - kept :], self.signals[len(self.signals) - kept :]
+        self.proposals = self.proposals[len(self.proposals) - kept :]
         self._sync(features)
 
     def _copied(self, top1: float) -> tuple[int, float] | None:
@@ -122,11 +140,22 @@ class Drafter(ABC):
         token = None if self.lookup is None else self.lookup.override(top1, self.tokens + self.pending)
         return None if token is None else (token, 0.0)
 
-    def _pick(self, logits: torch.Tensor) -> int:
+    def _pick(self, logits: torch.Tensor, vocab_ids: torch.Tensor | None) -> tuple[int, DraftDistribution | None]:
+        """The draft token and the q it was sampled from (None: greedy, or a point mass is sent)."""
         if self.sampling.greedy:
-            return int(logits.argmax())
+            index = int(logits.argmax())
+            return (index if vocab_ids is None else int(vocab_ids[index])), None
         probs = target_distribution(logits, self.sampling)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if not self.draft_probabilities:
+            index = int(torch.multinomial(probs, 1, generator=self.generator))
+            return (index if vocab_ids is None else int(vocab_ids[index])), None
+        top = probs.topk(min(PROPOSAL_TOKENS, probs.numel()))
+        kept = top.values > 0
+        q, indices = top.values[kept], top.indices[kept]
+        q = q / q.sum()  # float32: exactly what is sent, and the server divides by the sum too
+        token_ids = indices if vocab_ids is None else vocab_ids[indices]
+        choice = int(torch.multinomial(q, 1, generator=self.generator))
+        return int(token_ids[choice]), DraftDistribution(tuple(token_ids.tolist()), tuple(q.tolist()))
 
     @abstractmethod
     def _reset(self) -> None:
@@ -150,9 +179,10 @@ class ModelDrafter(Drafter):
         sampling: SamplingParams = SamplingParams(),
         lookup: PromptLookup | None = None,
         suffix: SuffixDecoder | None = None,
+        draft_probabilities: bool = True,
     ):
         device = next(model.parameters()).device
-        super().__init__(sampling, device, lookup, suffix)
+        super().__init__(sampling, device, lookup, suffix, draft_probabilities)
         self.model = model
         self.device = device
         self._reset()
@@ -203,6 +233,7 @@ class CopyDrafter(Drafter):
         confidence = probability or 1.0
         self.pending.append(token)
         self.signals.append(DraftSignals(confidence, 0.0, confidence, lookup=True, suffix=probability))
+        self.proposals.append(None)
         return token
 
     def _reset(self) -> None:

@@ -29,9 +29,10 @@ class EagleDrafter(Drafter):
         sampling: SamplingParams = SamplingParams(),
         lookup: PromptLookup | None = None,
         suffix: SuffixDecoder | None = None,
+        draft_probabilities: bool = True,
     ):
         self.device = model.head.device
-        super().__init__(sampling, self.device, lookup, suffix)
+        super().__init__(sampling, self.device, lookup, suffix, draft_probabilities)
         self.model = model
         self._reset()
 

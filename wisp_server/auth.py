@@ -174,7 +174,8 @@ class AccessInterceptor(grpc.ServerInterceptor):
         who = device
         try:
             for index, message in enumerate(requests):
-                kind = message.WhichOneof("kind")
+                # Not a message: a malformed one (wisp_server.service.MalformedRequest), which the service refuses.
+                kind = message.WhichOneof("kind") if isinstance(message, pb.SpeculateRequest) else None
                 if index == 0 and kind == "open":  # otherwise the service refuses the stream
                     who = self._admit(message.open, device, context)
                 elif kind == "draft" and self.rounds is not None:

@@ -32,7 +32,7 @@ from wisp_server.engines.factory import build_engine, engine_kind
 from wisp_server.estimator import VerificationTimeEstimator, profile
 from wisp_server.metrics import ServerMetrics
 from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
-from wisp_server.service import WispService
+from wisp_server.service import WispService, tolerant
 
 log = logging.getLogger("wisp_server")
 
@@ -67,7 +67,8 @@ class _WispCalls(grpc.GenericRpcHandler):
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if self._handlers is not None:
-            return self._handlers.service(handler_call_details)
+            handler = self._handlers.service(handler_call_details)
+            return None if handler is None else _tolerant(handler)
         prefix = f"/{WISP_SERVICE.full_name}/"
         method = handler_call_details.method
         if not method.startswith(prefix) or method[len(prefix) :] not in WISP_SERVICE.methods_by_name:
@@ -85,6 +86,18 @@ class _Collected:
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
         pass  # the same handlers as the generic one
+
+
+def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that hands the service a malformed request rather than failing the call."""
+    kind = (handler.request_streaming, handler.response_streaming)
+    make, behavior = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
+        (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary),
+        (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
+    }[kind]
+    return make(behavior, tolerant(handler.request_deserializer), handler.response_serializer)
 
 
 def _unavailable(method: MethodDescriptor) -> grpc.RpcMethodHandler:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import queue
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from wisp_common import __version__
 from wisp_common.config import ServerConfig
@@ -25,6 +28,7 @@ from wisp_common.features import encode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import SamplingParams, Slo, StopCondition
+from wisp_common.verification import draft_distributions
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
 from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, RoundWithdrawn, SchedulerStopped
@@ -40,6 +44,34 @@ DRAINING = "the server is shutting down; resume the session on another server (o
 
 _GONE = object()  # in a stream's inbox: the edge left (cancelled, disconnected, killed)
 _DRAIN = object()  # in a stream's inbox: the server is shutting down
+# Below it a sampled session's logits / temperature overflow float32; as the proto's float holds it.
+MIN_TEMPERATURE = struct.unpack("<f", struct.pack("<f", 1e-5))[0]
+
+
+class MalformedRequest:
+    """A request whose bytes are no valid message. gRPC answers a deserializer's exception with INTERNAL; this
+    stands in for the message instead, so the service refuses it with INVALID_ARGUMENT."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+    def refusal(self) -> RequestError:
+        return RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid wisp.v1 message ({self.error}); send messages built from wisp.proto",
+        )
+
+
+def tolerant(parse: Callable[[bytes], Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    """A request deserializer that returns a `MalformedRequest` where ``parse`` fails."""
+
+    def deserialize(data: bytes) -> Message | MalformedRequest:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return MalformedRequest(error)
+
+    return deserialize
 
 
 class RequestError(Exception):
@@ -81,6 +113,8 @@ class WispService(pb_grpc.WispServicer):
     # --- RPCs -----------------------------------------------------------------
 
     def GetServerInfo(self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext) -> pb.ServerInfo:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.refusal()))
         return pb.ServerInfo(
             target_model=self._target_identity(),
             engine=self.engine.name,
@@ -121,10 +155,16 @@ class WispService(pb_grpc.WispServicer):
                 kind = message.WhichOneof("kind")
                 if kind == "close":
                     return
+                if kind is None:
+                    raise RequestError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a SpeculateRequest sets none of `open`, `draft` or `close`; set exactly one",
+                    )
                 if kind != "draft":
                     raise RequestError(
                         grpc.StatusCode.FAILED_PRECONDITION,
-                        f"session {session.session_id} is already open; send `draft` or `close`",
+                        f"session {session.session_id} is already open; send `draft` or `close`, or open another "
+                        "session on a new stream",
                     )
                 pending = self._submit_round(session, message.draft)
                 session.round_arrived(pending.arrival)
@@ -146,7 +186,8 @@ class WispService(pb_grpc.WispServicer):
                         raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
                     if round_number != message.draft.round:
                         self.metrics.server_decoded_tokens.inc(verdict.HasField("next_token"))
-                    pending, in_flight, round_number = in_flight, None, round_number + 1
+                    # Verdict.round is a uint32: rounds the server decodes on its own after round 2**32-1 wrap.
+                    pending, in_flight, round_number = in_flight, None, (round_number + 1) % 2**32
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             if session is not None:
@@ -176,6 +217,8 @@ class WispService(pb_grpc.WispServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if item is _GONE or isinstance(item, BaseException):
             raise _EdgeLeft
+        if isinstance(item, MalformedRequest):
+            raise item.refusal()
         return item
 
     def _edge_left(self, inbox: queue.Queue, session: Session | None) -> None:
@@ -226,9 +269,9 @@ class WispService(pb_grpc.WispServicer):
         """Target-only autoregressive decoding: every round is an empty draft."""
         session, in_flight = None, None
         try:
-            session = self._start_session(
-                list(request.prompt_token_ids), [], request.sampling, request.stop, request.slo
-            )
+            if isinstance(request, MalformedRequest):
+                raise request.refusal()
+            session = self._start_session(request.prompt_token_ids, [], request.sampling, request.stop, request.slo)
             in_flight = self._queue_decode_step(session)
             while True:
                 current = in_flight
@@ -305,8 +348,8 @@ class WispService(pb_grpc.WispServicer):
             sampling.CopyFrom(open_msg.sampling)
             sampling.seed = resumed_seed(open_msg.sampling.seed, len(open_msg.committed_token_ids))
         session = self._start_session(
-            list(open_msg.prompt_token_ids),
-            list(open_msg.committed_token_ids),
+            open_msg.prompt_token_ids,
+            open_msg.committed_token_ids,
             sampling,
             open_msg.stop,
             open_msg.slo,
@@ -322,8 +365,8 @@ class WispService(pb_grpc.WispServicer):
 
     def _start_session(
         self,
-        prompt: list[int],
-        committed: list[int],
+        prompt: Sequence[int],
+        committed: Sequence[int],
         sampling: pb.SamplingParams,
         stop: pb.StopCondition,
         slo: pb.Slo,
@@ -331,12 +374,17 @@ class WispService(pb_grpc.WispServicer):
     ) -> Session:
         if not prompt:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; send at least one token")
+        if len(prompt) + len(committed) >= self.config.max_context_tokens:  # first: a huge prompt costs no more
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"context of {len(prompt) + len(committed)} tokens leaves no room under the server's "
+                f"max_context_tokens={self.config.max_context_tokens}; shorten the prompt",
+            )
+        prompt, committed = list(prompt), list(committed)
         self._check_token_ids(prompt + committed, "prompt")
-        params = SamplingParams.from_proto(sampling)
-        try:
-            params.validate()
-        except ValueError as error:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        self._check_sampling(sampling)
+        self._check_slo(slo)
+        params = SamplingParams.from_proto(sampling)  # valid: `_check_sampling` is stricter than its `validate`
         session = Session(
             session_id=uuid.uuid4().hex,
             prompt_len=len(prompt),
@@ -346,12 +394,6 @@ class WispService(pb_grpc.WispServicer):
             max_context_tokens=self.config.max_context_tokens,
             slo=Slo.from_proto(slo),
         )
-        if len(session.context) >= self.config.max_context_tokens:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"context of {len(session.context)} tokens leaves no room under the server's "
-                f"max_context_tokens={self.config.max_context_tokens}; shorten the prompt",
-            )
         if session.room <= 0:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens is already reached")
         with self._lock:
@@ -412,6 +454,31 @@ class WispService(pb_grpc.WispServicer):
         tpot = (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else None
         self.metrics.session_ended(session.device_kind, reason, session.slo, ttft, tpot, tokens)
 
+    def _check_sampling(self, sampling: pb.SamplingParams) -> None:
+        """Parameters the sampler cannot use would fail the whole batch the session is verified in."""
+        temperature, top_p, top_k = sampling.temperature, sampling.top_p, sampling.top_k
+        vocab = self.engine.info.vocab_size
+        if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+            problem = f"temperature {temperature:g} must be 0 (greedy) or finite and at least {MIN_TEMPERATURE:.0e}"
+        elif not 0 <= top_p <= 1:
+            problem = f"top_p {top_p:g} must be in (0, 1] (0 or 1: off)"
+        elif top_k > vocab:
+            problem = f"top_k {top_k} exceeds the target's vocabulary of {vocab} (0: off)"
+        else:
+            return
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid sampling parameters: {problem}")
+
+    @staticmethod
+    def _check_slo(slo: pb.Slo) -> None:
+        """A NaN or infinite SLO would make the session's deadlines, and the scheduler's order, meaningless."""
+        for name in ("ttft_seconds", "tpot_seconds"):
+            value = getattr(slo, name)
+            if not 0 <= value < math.inf:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"invalid SLO: {name} {value:g} must be finite and at least 0 seconds (0: none)",
+                )
+
     def _check_token_ids(self, tokens: list[int], what: str) -> None:
         vocab = self.engine.info.vocab_size
         bad = [t for t in tokens if t >= vocab]
@@ -437,12 +504,17 @@ class WispService(pb_grpc.WispServicer):
                 f"{self.config.max_draft_tokens} (see GetServerInfo)",
             )
         self._check_token_ids(list(draft.token_ids), "draft")
+        try:
+            proposals = draft_distributions(draft, self.engine.info.vocab_size)
+        except ValueError as error:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
         # Drafts beyond the session's room could never be committed; don't verify them.
         drafts = tuple(draft.token_ids)[: max(session.room - 1, 0)]
+        proposals = () if session.sampling.greedy else proposals[: len(drafts)]
         uncached = self.engine.uncached_tokens(session.session_id)
         shape = SequenceShape(len(session.context) - uncached, uncached + len(drafts))
         pending = PendingRound(
-            RoundRequest(session.session_id, drafts),
+            RoundRequest(session.session_id, drafts, proposals),
             shape,
             deadline=session.deadline,
             expected_tokens=session.expected_tokens(len(drafts)),

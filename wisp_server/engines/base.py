@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from wisp_common.request import SamplingParams
-from wisp_common.verification import Verification
+from wisp_common.verification import DraftDistribution, Verification
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,14 @@ class EngineInfo:
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """Verify ``drafts`` after the session's committed context (empty: decode one token)."""
+    """Verify ``drafts`` after the session's committed context (empty: decode one token).
+
+    ``proposals``: the distribution each draft was sampled from, for a sampled session (empty, or None for a
+    draft: a point mass)."""
 
     session_id: str
     drafts: tuple[int, ...]
+    proposals: tuple[DraftDistribution | None, ...] = ()
 
 
 @dataclass(frozen=True)

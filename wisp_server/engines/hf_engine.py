@@ -110,7 +110,7 @@ class HFVerificationEngine(VerificationEngine):
         new_cache = hidden.past_key_values
         for i, (s, r) in enumerate(zip(sessions, batch)):
             n_rows = len(r.drafts) + 1
-            result = verify(logits[offset : offset + n_rows], r.drafts, s.sampling, s.generator)
+            result = verify(logits[offset : offset + n_rows], r.drafts, s.sampling, s.generator, r.proposals)
             offset += n_rows
             keep = len(s.pending) + result.num_accepted  # new tokens whose KV stays valid
             features = hidden.last_hidden_state[i, :keep].float().clone() if s.features else None

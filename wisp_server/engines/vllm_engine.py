@@ -17,7 +17,9 @@ Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
 * the engine core runs in this process (no engine subprocess), driven only
   from the scheduler's engine thread;
 * `FeatureTap` copies the target's last hidden states of the sessions that
-  asked for them (feature-conditioned drafts) out of each model step.
+  asked for them (feature-conditioned drafts) out of each model step;
+* `ProposalTap` hands vLLM's rejection sampler the edge's draft
+  probabilities, where a sampled session sends them.
 
 Without draft probabilities vLLM treats each draft as a point mass, which is
 exact for sampling too (see wisp_common.verification).
@@ -35,6 +37,7 @@ from typing import Any
 
 from wisp_common.config import ServerConfig
 from wisp_common.request import SamplingParams
+from wisp_common.verification import DraftDistribution, dense_draft_probs
 from wisp_server.engines.base import (
     EngineDead,
     EngineFull,
@@ -189,6 +192,41 @@ class FeatureTap:
         return self.rows.pop(request_id, [])
 
 
+class ProposalTap:
+    """Gives vLLM's rejection sampler q, the distribution each edge draft was sampled from.
+
+    The runner reads q per request from the slots its own draft models fill (`_draft_probs`, rows in
+    `_draft_prob_req_ids` order); they are set just before it samples. In a step where any request has
+    proposals, every request with drafts gets rows (point masses where it has none): vLLM falls back to point
+    masses for the whole step when one request lacks rows.
+    """
+
+    def __init__(self, runner) -> None:
+        if not hasattr(runner, "_get_spec_decode_draft_probs"):
+            raise RuntimeError("this vLLM's model runner takes no draft probabilities")
+        self.plan: dict[str, tuple[list[int], tuple[DraftDistribution | None, ...]]] = {}
+        sample_tokens = runner.sample_tokens
+
+        def with_proposals(*args, **kwargs):
+            state = runner.execute_model_state
+            if state is not None and self.plan:
+                runner._draft_prob_req_ids, runner._draft_probs = self._rows(state.logits)
+            return sample_tokens(*args, **kwargs)
+
+        runner.sample_tokens = with_proposals
+
+    def _rows(self, logits) -> tuple[list[str], Any]:
+        import torch
+
+        request_ids = list(self.plan)
+        longest = max(len(drafts) for drafts, _ in self.plan.values())
+        rows = torch.zeros(len(request_ids), longest, logits.shape[-1], dtype=torch.float32, device=logits.device)
+        for i, request_id in enumerate(request_ids):
+            drafts, proposals = self.plan[request_id]
+            rows[i, : len(drafts)] = dense_draft_probs(proposals, drafts, logits.shape[-1], logits.device)
+        return request_ids, rows
+
+
 # EngineArgs WISP's hooks depend on, or that its own options set: --vllm-engine-args may not change them.
 RESERVED_ENGINE_ARGS = frozenset(
     {
@@ -245,14 +283,14 @@ def engine_args(config: ServerConfig, model_path: str, dtype: str, settings: Dev
     return {**keywords, **extra}
 
 
-def _feature_tap(executor) -> FeatureTap | None:
-    """The tap on the model runner where it runs in this process (one device). With tensor or pipeline
-    parallelism the runners live in worker processes (or Ray actors), and no session can have features."""
+def _runner(executor):
+    """The model runner where it runs in this process (one device), else None: with tensor or pipeline
+    parallelism the runners live in worker processes (or Ray actors), so no session can have features and every
+    draft is verified as a point mass."""
     try:
-        runner = executor.driver_worker.worker.model_runner
+        return executor.driver_worker.worker.model_runner
     except AttributeError:
         return None
-    return FeatureTap(runner)
 
 
 @dataclass
@@ -284,7 +322,9 @@ class VllmVerificationEngine(VerificationEngine):
         self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
         core = self.engine.engine_core.engine_core
         self.scheduler = core.scheduler
-        self.tap = _feature_tap(core.model_executor)
+        runner = _runner(core.model_executor)
+        self.tap = None if runner is None else FeatureTap(runner)
+        self.proposal_tap = None if runner is None else ProposalTap(runner)
         self.total_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
         self._sessions: dict[str, _Session] = {}
         self._to_abort: list[str] = []
@@ -364,6 +404,7 @@ class VllmVerificationEngine(VerificationEngine):
                 self.tap.take(request_id)
 
         plan: dict[str, list[int]] = {}
+        proposals: dict[str, tuple[DraftDistribution | None, ...]] = {}
         ids: dict[str, str] = {}  # vLLM's internal request id -> ours (what its outputs carry)
         first_round: list[int] = []
         for index, (session, request) in enumerate(zip(sessions, batch)):
@@ -379,10 +420,12 @@ class VllmVerificationEngine(VerificationEngine):
             else:
                 ids[session.request_id] = request.session_id
                 plan[session.request_id] = list(request.drafts)
-        new_tokens = self._run(plan, ids)
+                proposals[session.request_id] = request.proposals
+        new_tokens = self._run(plan, ids, proposals)
 
         results: list[RoundVerdict | None] = [None] * len(batch)
         second: dict[str, list[int]] = {}
+        second_proposals: dict[str, tuple[DraftDistribution | None, ...]] = {}
         for index, (session, request) in enumerate(zip(sessions, batch)):
             tokens = new_tokens[session.request_id]
             if index in first_round:
@@ -391,12 +434,13 @@ class VllmVerificationEngine(VerificationEngine):
                 # the remaining drafts are then verified in a second step.
                 if request.drafts and request.drafts[0] == tokens[0]:
                     second[session.request_id] = list(request.drafts[1:])
+                    second_proposals[session.request_id] = request.proposals[1:]
                     continue
                 results[index] = self._verdict(session, 0, tokens[0], last_rows=None)
             else:  # the step computed the last committed token, then the drafts
                 results[index] = self._verdict(session, len(tokens) - 1, tokens[-1], last_rows=len(tokens))
         if second:
-            more = self._run(second, ids)
+            more = self._run(second, ids, second_proposals)
             for index, session in enumerate(sessions):
                 if session.request_id in second:
                     tokens = more[session.request_id]  # the step computed t, then the other drafts
@@ -416,12 +460,22 @@ class VllmVerificationEngine(VerificationEngine):
         steps = self.tap.take(session.request_id)
         return RoundVerdict(num_accepted, next_token, torch.cat([*steps[:-1], steps[-1][:last_rows]]))
 
-    def _run(self, plan: dict[str, list[int]], ids: dict[str, str]) -> dict[str, list[int]]:
-        """Steps vLLM until every planned request has its tokens (a long prefill may take several steps)."""
+    def _run(
+        self,
+        plan: dict[str, list[int]],
+        ids: dict[str, str],
+        proposals: dict[str, tuple[DraftDistribution | None, ...]],
+    ) -> dict[str, list[int]]:
+        """Steps vLLM until every planned request has its tokens (a long prefill may take several steps);
+        ``proposals``: the distributions the drafts were sampled from, where a session sent them."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         produced: dict[str, list[int]] = {}
         waiting = dict(plan)
+        if self.proposal_tap is not None and any(p is not None for q in proposals.values() for p in q):
+            self.proposal_tap.plan = {
+                request_id: (drafts, proposals.get(request_id, ())) for request_id, drafts in plan.items() if drafts
+            }
         try:
             for _ in range(self.max_model_len):  # a prefill is never chunked more often
                 self.scheduler.plan = waiting
@@ -440,3 +494,5 @@ class VllmVerificationEngine(VerificationEngine):
             raise EngineDead(str(error)) from error
         finally:
             self.scheduler.plan = {}
+            if self.proposal_tap is not None:
+                self.proposal_tap.plan = {}

@@ -1,0 +1,120 @@
+"""Draft probabilities for sampled sessions: the edge samples each draft from the sparse q it sends, and the
+server refuses a q that breaks the protocol, over a real gRPC server.
+
+The rule itself (accept with min(1, p/q), else the residual) is checked exactly in test_verification.py and
+through both engines in test_engine_lossless.py.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+from conftest import SMOLLM2_VOCAB, make_client
+from helpers import tiny_llama
+from scipy.stats import chisquare
+
+from wisp_common.models import tokenizer_fingerprint
+from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+from wisp_common.request import SamplingParams
+from wisp_edge.drafter import PROPOSAL_TOKENS, ModelDrafter
+from wisp_edge.lookup import PromptLookup
+
+PROMPT = [1, 504, 3458, 282, 4649, 314, 5465, 47]
+SAMPLED = SamplingParams(temperature=0.8, seed=5)
+DRAWS = 2000
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_the_drafter_samples_each_draft_from_the_q_it_sends():
+    """Lossless only if the draft really follows the q the server is told: its draws against that q."""
+    model = tiny_llama(64, layers=1, seed=4, hidden=64, heads=2)
+    drafter = ModelDrafter(model, SAMPLED)
+    counts: dict[int, int] = {}
+    proposal = None
+    for _ in range(DRAWS):
+        drafter.start([3, 9, 27])
+        token = drafter.draft_one()
+        assert drafter.proposals[0] is not None and (proposal is None or drafter.proposals[0] == proposal)
+        proposal = drafter.proposals[0]
+        counts[token] = counts.get(token, 0) + 1
+    assert proposal is not None and len(proposal.token_ids) == PROPOSAL_TOKENS
+    assert set(counts) <= set(proposal.token_ids)  # nothing outside the support
+    assert sum(proposal.probs) == pytest.approx(1.0, abs=1e-5)
+    observed = [counts.get(t, 0) for t in proposal.token_ids]
+    expected = [p / sum(proposal.probs) * DRAWS for p in proposal.probs]
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+@torch.inference_mode()
+def test_copied_greedy_and_switched_off_drafts_carry_no_q():
+    model = tiny_llama(64, layers=1, seed=4, hidden=64, heads=2)
+    copying = ModelDrafter(model, SAMPLED, lookup=PromptLookup(max_ngram=2, below=1.1))  # always copies
+    copying.start([5, 6, 7, 5, 6])
+    assert copying.draft_one() == 7 and copying.proposals == [None]
+    for drafter in (ModelDrafter(model), ModelDrafter(model, SAMPLED, draft_probabilities=False)):
+        drafter.start([3, 9, 27])
+        drafter.draft(3)
+        assert drafter.proposals == [None, None, None]
+    sampled = ModelDrafter(model, SAMPLED)
+    sampled.start([3, 9, 27])
+    drafts = sampled.draft(3)
+    sampled.commit(1, drafts[1])  # the second draft was the server's own token: the third survives with its q
+    assert sampled.pending == drafts[2:] and len(sampled.proposals) == 1 and sampled.proposals[0] is not None
+
+
+@pytest.fixture(scope="module")
+def stub(tiny_server):
+    return pb_grpc.WispStub(grpc.insecure_channel(tiny_server[1]))
+
+
+def sampled_open(tokenizer) -> pb.SpeculateRequest:
+    return pb.SpeculateRequest(
+        open=pb.OpenSession(
+            draft_model=pb.ModelIdentity(name="draft", tokenizer_fingerprint=tokenizer_fingerprint(tokenizer)),
+            prompt_token_ids=PROMPT,
+            sampling=SAMPLED.to_proto(),
+            stop=pb.StopCondition(max_new_tokens=16, ignore_eos=True),
+        )
+    )
+
+
+def draft_with_q(drafts: list[int], *entries: tuple[list[int], list[float]]) -> pb.SpeculateRequest:
+    q = [pb.DraftProbabilities(token_ids=ids, probs=probs) for ids, probs in entries]
+    return pb.SpeculateRequest(draft=pb.DraftRound(position=len(PROMPT), token_ids=drafts, draft_probabilities=q))
+
+
+@pytest.mark.parametrize(
+    ("drafts", "entries", "words"),
+    [
+        ([5, 6], [([5], [1.0])], "1 entries for 2 drafts"),
+        ([5], [([5, 6], [float("inf"), 0.5])], "finite number in [0, 1]"),
+        ([5], [([5, 6], [0.9, 0.9])], "sums to 1.8"),
+        ([7], [([5, 6], [0.5, 0.5])], "gives the draft 7 no probability"),
+        ([5], [([5, SMOLLM2_VOCAB], [0.5, 0.5])], "outside the vocabulary"),
+    ],
+)
+def test_bad_draft_probabilities_are_invalid_argument(stub, smollm2_tokenizer, drafts, entries, words):
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stub.Speculate(iter([sampled_open(smollm2_tokenizer), draft_with_q(drafts, *entries)]), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in refused.value.details()
+
+
+def test_a_round_with_q_and_a_point_mass_is_verified(stub, smollm2_tokenizer):
+    """An entry per draft, empty for a copied one (a point mass): the round is verified, not refused."""
+    responses = list(
+        stub.Speculate(iter([sampled_open(smollm2_tokenizer), draft_with_q([5, 6], ([5, 9], [0.5, 0.5]), ([], []))]))
+    )
+    verdict = responses[1].verdict
+    assert verdict.position == len(PROMPT) + verdict.num_accepted + 1
+
+
+def test_an_edge_sending_q_generates_through_a_real_server(tiny_server, tiny_pair, smollm2_tokenizer):
+    """Every round the edge sends passes the server's checks, pipelined drafts included."""
+    client = make_client(tiny_server[1], tiny_pair[1], smollm2_tokenizer)
+    client.drafter.sampling = SAMPLED
+    result = client.generate(PROMPT, max_new_tokens=40, sampling=SAMPLED, ignore_eos=True)
+    assert len(result.token_ids) == 40 and result.stats.sent > 0
