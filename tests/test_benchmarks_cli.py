@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-EXPECTED = {"round_cost", "draft_quality", "policies", "estimator"}
+EXPECTED = {"round_cost", "draft_quality", "policies", "estimator", "aiperf_edge", "soak"}
 
 
 def entry_points() -> list[str]:
