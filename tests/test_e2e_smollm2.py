@@ -97,20 +97,6 @@ def test_calibrate_fits_the_controller_to_the_pair(server, tmp_path):
     assert AcceptancePredictor.load(output).weights.tolist() != AcceptancePredictor().weights.tolist()
 
 
-def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
-    result = subprocess.run(
-        edge_command(server.address, "What is the capital of France?", "--max-new-tokens", "24"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
-    assert "tokens/s" in result.stderr and "finish: stop" in result.stderr
-    assert server.stop() == 0
-    assert any("shutting down" in line for line in server.log)
-
-
 def test_suffix_decoding_is_lossless_and_drafts_a_repeated_answer_from_the_history(server, tmp_path, smollm2_tokenizer):
     """The suffix index on (every proposal it makes taken, however unlikely): answers stay the target's own, also
     for prompts asked again, which the device's history then drafts from its earlier answer."""
@@ -130,3 +116,18 @@ def test_suffix_decoding_is_lossless_and_drafts_a_repeated_answer_from_the_histo
     # long accepted rounds: fewer rounds than the first time.
     assert records[2]["token_ids"] == records[3]["token_ids"] == records[0]["token_ids"]
     assert records[3]["rounds"] < records[0]["rounds"]
+
+
+# Last for each engine: it stops the module's server.
+def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
+    result = subprocess.run(
+        edge_command(server.address, "What is the capital of France?", "--max-new-tokens", "24"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert "tokens/s" in result.stderr and "finish: stop" in result.stderr
+    assert server.stop() == 0
+    assert any("shutting down" in line for line in server.log)
