@@ -10,11 +10,13 @@ from wisp_common.models import PACKAGED_DRAFTS
 RELEASES = PACKAGED_DRAFTS / "releases.json"
 
 
-def sha256(path) -> str:
+def sha256(draft) -> str:
+    """One digest over every weights file of a draft (its layers, then its embedding's shards), in name order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for path in sorted(draft.glob("*.safetensors"), key=lambda p: (p.name != "model.safetensors", p.name)):
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -25,7 +27,7 @@ def test_every_shipped_draft_is_its_latest_recorded_release():
     for name in shipped:
         latest = releases[name][-1]
         assert {"release", "date", "sha256", "reason", "measured", "command"} <= set(latest)
-        assert sha256(PACKAGED_DRAFTS / name / "model.safetensors") == latest["sha256"], (
+        assert sha256(PACKAGED_DRAFTS / name) == latest["sha256"], (
             f"{name}'s weights changed without a release: either restore them, or record the release (reason, "
             f"measured gain and command) in {RELEASES} in a commit of its own"
         )

@@ -37,6 +37,11 @@ STORED_DTYPE = torch.float16  # the carried embedding and head rows
 HEAD_ROWS = "head_rows"  # stored only where the target's head is not its embedding
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The carried embedding, in shards of at most this size: a large target's embedding (about 1 GB) and even a small
+# one's would otherwise make one file too large for git hosting.
+EMBEDDING_SHARD = "embedding-{:03d}.safetensors"
+EMBEDDING_SHARDS = "embedding-*.safetensors"
+EMBEDDING_SHARD_BYTES = 32 << 20
 DECODER_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -120,11 +125,16 @@ class EagleDraftModel(nn.Module):
             "decoder": self.decoder_config,
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        weights["embed.weight"] = weights["embed.weight"].to(STORED_DTYPE)
+        weights = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k != "embed.weight"}
         if not self.tied_head:
             weights[HEAD_ROWS] = self.head.detach().to(STORED_DTYPE).contiguous()
         save_file(weights, path / WEIGHTS_FILE)
+        embedding = self.embed.weight.detach().to(STORED_DTYPE)
+        rows = max(1, EMBEDDING_SHARD_BYTES // (embedding.shape[1] * embedding.element_size()))
+        for stale in path.glob(EMBEDDING_SHARDS):
+            stale.unlink()
+        for index, shard in enumerate(embedding.split(rows)):
+            save_file({"embed.weight": shard.contiguous()}, path / EMBEDDING_SHARD.format(index))
 
 
 def decoder_config_of(target_config) -> dict:
@@ -185,7 +195,8 @@ def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cp
             "export it again from its work directory: wisp-distill --stage export"
         )
     weights = load_file(path / WEIGHTS_FILE)
-    embedding = weights["embed.weight"].float()
+    shards = sorted(path.glob(EMBEDDING_SHARDS))
+    embedding = torch.cat([load_file(shard)["embed.weight"] for shard in shards]).float()
     head_rows = weights.pop(HEAD_ROWS).float() if HEAD_ROWS in weights else None
     model = EagleDraftModel(
         config["target"],
