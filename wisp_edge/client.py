@@ -136,9 +136,6 @@ class GenerationStats:
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
     resumes: int = 0  # new streams after a broken one (server restarted or gone, draining, full, overdue)
-    draft_rounds: int = 0  # rounds that carried drafts: vLLM's num_drafts
-    # How often the draft at each position of a round was accepted: vLLM's num_accepted_tokens_per_pos.
-    accepted_per_position: list[int] = field(default_factory=list)
     # Each round that carried drafts, in order: drafts sent and accepted (vLLM's per_step_drafted/_accepted).
     per_step_drafted: list[int] = field(default_factory=list)
     per_step_accepted: list[int] = field(default_factory=list)
@@ -146,12 +143,19 @@ class GenerationStats:
     def record_round(self, sent: int, accepted: int) -> None:
         """Counts one verified round of ``sent`` drafts, the first ``accepted`` of them accepted."""
         if sent:
-            self.draft_rounds += 1
             self.per_step_drafted.append(sent)
             self.per_step_accepted.append(accepted)
-        self.accepted_per_position += [0] * (sent - len(self.accepted_per_position))
-        for position in range(accepted):
-            self.accepted_per_position[position] += 1
+
+    @property
+    def draft_rounds(self) -> int:
+        """Rounds that carried drafts: vLLM's num_drafts."""
+        return len(self.per_step_drafted)
+
+    @property
+    def accepted_per_position(self) -> list[int]:
+        """How often the draft at each position of a round was accepted: vLLM's num_accepted_tokens_per_pos."""
+        longest = max(self.per_step_drafted, default=0)
+        return [sum(accepted > position for accepted in self.per_step_accepted) for position in range(longest)]
 
     @property
     def acceptance_rate(self) -> float:
