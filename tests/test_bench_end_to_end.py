@@ -67,13 +67,13 @@ def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp
     command = [sys.executable, "-m", "wisp_bench.cli", "run", "--regime", regime, "--engine", "hf"]
     command += ["--limit", str(PROMPTS), "--max-new-tokens", str(TOKENS), "--draft-tokens", str(DRAFTS)]
     command += ["--sizes", "1", "2", "--sessions-per-device", "1", "--output-dir", str(tmp_path)]
-    command += ["--configs", "wisp", "centralized"]
+    command += ["--configs", "wisp", "centralized", "vllm-ngram"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["regime"].startswith(regime)
     points = {(s["config"], s["load"]) for s in payload["summaries"]}
-    assert points == {(c, n) for c in ("wisp", "centralized") for n in (1, 2)}
+    assert points == {(c, n) for c in ("wisp", "centralized", "vllm-ngram") for n in (1, 2)}
     for summary in payload["summaries"]:
         assert summary["completed"] == summary["requests"] > 0, summary
         if summary["config"] == "wisp":

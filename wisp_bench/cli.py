@@ -156,6 +156,8 @@ def scaled_fleet(spec: FleetSpec, size: int) -> FleetSpec:
 def server_args(args: argparse.Namespace, configuration: Configuration, size: int, answers: Path) -> list[str]:
     common = ["--target-model", args.target_model, "--dtype", args.dtype, "--policy", configuration.policy]
     common += ["--max-sessions", str(max(args.sizes) + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
+    if configuration.server_speculation:
+        common += ["--generate-speculation", configuration.server_speculation]
     if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet
         common += ["--max-batch-sessions", str(min(size, 16))]
     if args.regime == "modeled":
@@ -183,17 +185,18 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     server_figures: dict[str, dict] = {}  # per "config/size": what the server saw (batch sizes, estimator error)
     total = len(args.configs) * sum(args.sizes) * args.sessions_per_device
     bar = tqdm(total=total, desc="sessions", unit="session")
-    server, server_policy = None, None
+    server, server_kind = None, None
     try:
         for name in args.configs:
             configuration = CONFIGURATIONS[name]
             for size in args.sizes:
-                if server is None or configuration.policy == "sled" or server_policy != configuration.policy:
+                kind = (configuration.policy, configuration.server_speculation)
+                if server is None or configuration.policy == "sled" or server_kind != kind:
                     if server is not None:
                         server.stop()
                     bar.set_postfix_str(f"starting a server for {name}")
                     server = ServerProcess(server_args(args, configuration, size, answers), log_prefix=None)
-                    server_policy = configuration.policy
+                    server_kind = kind
                     warm_up(server.address, prompt_ids)
                 bar.set_postfix_str(f"{name}, {size} devices")
                 fleet = scaled_fleet(fleet_spec, size)

@@ -24,6 +24,7 @@ from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import Slo
 from wisp_edge.client import EdgeClient
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+from wisp_server.ngram import VLLM_NGRAM_EXAMPLE
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Configuration:
     policy: str  # the server's batch scheduling policy
     speculation: str | None  # the devices' mode: adaptive, fixed, or None (centralized: no drafting)
     pipeline: bool = False
+    server_speculation: str = ""  # the server's own speculation for Generate (wisp-server --generate-speculation)
 
 
 CONFIGURATIONS = {
@@ -43,6 +45,8 @@ CONFIGURATIONS = {
         Configuration("sled", "sled", "fixed"),  # static batches, a fixed length (SLED)
         Configuration("fcfs", "fcfs", "fixed"),
         Configuration("centralized", "fcfs", None),  # the target alone: continuous batching of Generate streams
+        # The target alone with vLLM's n-gram speculation, at vLLM's documented example settings.
+        Configuration("vllm-ngram", "fcfs", None, server_speculation=VLLM_NGRAM_EXAMPLE),
     )
 }
 

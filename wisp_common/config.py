@@ -89,6 +89,11 @@ class ServerConfig:
         "a draft trained for other target weights of the same tokenizer (its drafts would rarely be accepted)",
         ("refuse", "warn", "off"),
     )
+    generate_speculation: str = _opt(
+        "",
+        "Generate RPC (the target served alone): vLLM's own n-gram speculation, as vLLM's --speculative-config "
+        'JSON, e.g. {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4} (empty: off)',
+    )
     max_sessions: int = _opt(64, "concurrent sessions admitted")
     max_draft_tokens: int = _opt(8, "drafts accepted per round")
     max_context_tokens: int = _opt(2048, "prompt plus generated tokens per session")

@@ -31,6 +31,7 @@ from wisp_server.engines.base import VerificationEngine
 from wisp_server.engines.factory import build_engine, engine_kind
 from wisp_server.estimator import VerificationTimeEstimator, profile
 from wisp_server.metrics import ServerMetrics
+from wisp_server.ngram import NgramSpeculation
 from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
 from wisp_server.service import WispService, tolerant
 
@@ -238,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(ServerConfig, args)
+    try:
+        NgramSpeculation.parse(config.generate_speculation)
+    except ValueError as error:
+        parser.error(str(error))
 
     started = time.monotonic()
     server = WispServer(config)

@@ -31,6 +31,7 @@ from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_common.verification import draft_distributions
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
+from wisp_server.ngram import NgramSpeculation
 from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, RoundWithdrawn, SchedulerStopped
 from wisp_server.session import Session
 from wisp_server.speculation_length import goodput_optimal_drafts
@@ -104,6 +105,7 @@ class WispService(pb_grpc.WispServicer):
         self.engine = engine
         self.scheduler = scheduler
         self.metrics = scheduler.metrics
+        self.ngram = NgramSpeculation.parse(config.generate_speculation)
         self._sessions: dict[str, Session] = {}
         self._warned_drafts: set[str] = set()  # target fingerprints of mismatched drafts already logged
         self._inboxes: dict[str, queue.Queue] = {}  # by session: its stream's requests, and _GONE / _DRAIN
@@ -266,13 +268,13 @@ class WispService(pb_grpc.WispServicer):
             in_flight.handled.set()
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        """Target-only autoregressive decoding: every round is an empty draft."""
+        """The target alone: every round is an empty draft, or vLLM's n-gram proposals (--generate-speculation)."""
         session, in_flight = None, None
         try:
             if isinstance(request, MalformedRequest):
                 raise request.refusal()
             session = self._start_session(request.prompt_token_ids, [], request.sampling, request.stop, request.slo)
-            in_flight = self._queue_decode_step(session)
+            in_flight = self._queue_generate_step(session)
             while True:
                 current = in_flight
                 try:
@@ -280,9 +282,10 @@ class WispService(pb_grpc.WispServicer):
                     in_flight = None
                     if not verdict.finished and context.is_active():
                         # Queued before this token is sent, so the next batch has it: continuous batching.
-                        in_flight = self._queue_decode_step(session)
+                        in_flight = self._queue_generate_step(session)
+                    accepted = list(current.request.drafts[: verdict.num_accepted])
                     yield pb.GenerateResponse(
-                        token_ids=[verdict.next_token] if verdict.HasField("next_token") else [],
+                        token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
                         finished=verdict.finished,
                         finish_reason=verdict.finish_reason,
                     )
@@ -529,6 +532,11 @@ class WispService(pb_grpc.WispServicer):
     def _queue_decode_step(self, session: Session) -> PendingRound:
         """Queues a target-only step (an empty draft)."""
         return self._submit_round(session, pb.DraftRound(position=len(session.context)))
+
+    def _queue_generate_step(self, session: Session) -> PendingRound:
+        """Queues a step of the target alone: an empty draft, or vLLM's n-gram proposals where they are on."""
+        drafts = self.ngram.propose(session.context, session.room) if self.ngram else []
+        return self._submit_round(session, pb.DraftRound(position=len(session.context), token_ids=drafts))
 
     def _verdict(self, session: Session, round_number: int, pending: PendingRound) -> pb.Verdict:
         """Waits for the round's verification, commits it to the session and builds the verdict."""
