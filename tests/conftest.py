@@ -55,10 +55,11 @@ def tiny_server(tiny_pair):
         yield server, f"127.0.0.1:{server.port}"
 
 
-def make_client(address: str, draft_dir: str, tokenizer) -> EdgeClient:
+def make_client(address: str, draft_dir: str, tokenizer, **options) -> EdgeClient:
     from wisp_common.models import load_causal_lm
 
     identity = pb.ModelIdentity(
         name=draft_dir, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), vocab_size=SMOLLM2_VOCAB
     )
-    return EdgeClient(grpc.insecure_channel(address), ModelDrafter(load_causal_lm(draft_dir)), identity)
+    drafter = ModelDrafter(load_causal_lm(draft_dir))
+    return EdgeClient(grpc.insecure_channel(address), drafter, identity, **options)

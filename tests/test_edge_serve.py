@@ -56,8 +56,7 @@ def notify_socket(tmp_path_factory) -> Iterator[socket.socket]:
 @pytest.fixture(scope="module")
 def edge(server, tiny_pair, tmp_path_factory, notify_socket):
     log = tmp_path_factory.mktemp("edge") / "serve.log"
-    # --max-retries 0: a full server is answered with 429 at once, not retried with backoff first
-    args = ("--max-concurrent-requests", "2", "--max-new-tokens", "32", "--max-retries", "0")
+    args = ("--max-concurrent-requests", "2", "--max-new-tokens", "32")  # default retries: a full server is 429 at once
     env = {"WISP_API_KEY": API_KEY, "NOTIFY_SOCKET": notify_socket.getsockname()}
     with edge_daemon(f"127.0.0.1:{server.port}", tiny_pair[1], log, *args, env=env) as url:
         yield url
@@ -90,10 +89,18 @@ def edge_metrics(url: str) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
 
 
-def server_sessions(server) -> float:
+def server_samples(server) -> dict[tuple[str, tuple], float]:
     text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    return samples["wisp_sessions_active"]
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+def server_sessions(server) -> float:
+    return server_samples(server)[("wisp_sessions_active", ())]
+
+
+def server_full_refusals(server) -> float:
+    return server_samples(server).get(("wisp_refused_requests_total", (("code", "RESOURCE_EXHAUSTED"),)), 0.0)
 
 
 def wait_for(condition, seconds: float) -> bool:
@@ -221,7 +228,8 @@ def test_a_full_edge_answers_429_with_retry_after(api, edge, server):
 
 
 def test_a_full_server_answers_429_too(api, edge, server, stub, smollm2_tokenizer):
-    """The server's own RESOURCE_EXHAUSTED (its two sessions held open elsewhere) becomes 429 on the edge."""
+    """The server's own RESOURCE_EXHAUSTED (its two sessions held open elsewhere) becomes 429 on the edge at once:
+    the daemon does not retry it first (its HTTP client decides whether to wait)."""
     release = threading.Event()
     identity = pb.ModelIdentity(name="probe", tokenizer_fingerprint=tokenizer_fingerprint(smollm2_tokenizer))
     opening = pb.SpeculateRequest(open=pb.OpenSession(draft_model=identity, prompt_token_ids=[1, 2, 3]))
@@ -234,10 +242,12 @@ def test_a_full_server_answers_429_too(api, edge, server, stub, smollm2_tokenize
     try:
         for responses in held:
             next(responses)  # opened
+        refusals = server_full_refusals(server)
         with pytest.raises(openai.RateLimitError) as caught:
             api.chat.completions.create(model="any", messages=MESSAGES, max_tokens=4)
         assert int(caught.value.response.headers["retry-after"]) >= 1  # the server's hint, in whole seconds
         assert "verification server is full" in caught.value.body["message"]
+        assert server_full_refusals(server) == refusals + 1
     finally:
         release.set()
         for responses in held:

@@ -16,6 +16,29 @@ def test_a_cuda_device_gets_the_gpu_settings_and_a_cpu_the_cpu_ones():
     cpu = device_settings("cpu", cpu_count=2)
     assert cpu.block_size % 32 == 0 and cpu.enforce_eager and cpu.patch_cpu_sampler
     assert cpu.environment == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert device_settings("cpu", threads=1, cpu_count=2).environment["VLLM_CPU_OMP_THREADS_BIND"] == "0-0"
+
+
+@pytest.mark.slow
+def test_the_vllm_engine_serves_with_fewer_threads_than_cores(tmp_path, smollm2_tokenizer):
+    """`--threads 1` on a machine with more cores: torch and vLLM's workers agree on one thread (every batch
+    failed with INTERNAL when only torch was told)."""
+    import grpc
+    from helpers import tiny_llama
+
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+    from wisp_server.launcher import ServerProcess
+
+    tiny_llama(len(smollm2_tokenizer), hidden=128, heads=4).save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    args = ["--target-model", str(tmp_path), "--engine", "vllm", "--threads", "1", "--kv-cache-gib", "0.05"]
+    with ServerProcess(args, log_prefix=None) as server:
+        stub = pb_grpc.WispStub(grpc.insecure_channel(server.address))
+        request = pb.GenerateRequest(
+            prompt_token_ids=[1, 2, 3, 4], stop=pb.StopCondition(max_new_tokens=4, ignore_eos=True)
+        )
+        assert sum(len(r.token_ids) for r in stub.Generate(request, timeout=120)) == 4
 
 
 def test_auto_is_cuda_only_where_there_is_one(monkeypatch):

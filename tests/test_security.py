@@ -222,6 +222,28 @@ def test_the_server_warns_when_it_listens_beyond_loopback_without_tls(host, tls,
     assert ("without TLS" in caplog.text) == warned
 
 
+TOKEN = "a-device-token-of-32-characters!"
+
+
+@pytest.mark.parametrize(
+    "server, options, warned",
+    [
+        ("wisp.example:50051", {"token": TOKEN}, True),
+        ("127.0.0.1:50051,[::1]:50052,localhost:1", {"token": TOKEN}, False),
+        ("dns:///wisp.example:50051", {"token": TOKEN}, True),
+        ("ipv4:127.0.0.1:1,10.0.0.2:1", {"token": TOKEN}, True),
+        ("unix:/run/wisp.sock", {"token": TOKEN}, False),
+        ("wisp.example:50051", {"token": TOKEN, "tls": True}, False),
+        ("wisp.example:50051", {}, False),  # no token to leak
+    ],
+)
+def test_the_edge_warns_when_it_sends_its_token_beyond_loopback_without_tls(server, options, warned, caplog):
+    with caplog.at_level(logging.WARNING, logger="wisp_edge.connection"):
+        connect(EdgeConfig(server=server, **options)).close()
+    assert ("without TLS" in caplog.text) == warned
+    assert TOKEN not in caplog.text
+
+
 # --- tokens ---------------------------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from urllib.request import urlopen
 
 import grpc
 import pytest
+from conftest import make_client
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import reference_greedy, running_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +29,9 @@ from wisp_common.config import ServerConfig
 from wisp_common.models import load_causal_lm, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+from wisp_common.request import RETRY_AFTER_KEY, SERVER_LOADING_KEY
 from wisp_common.systemd import notify
+from wisp_edge.client import ResumePolicy
 from wisp_server.engines.factory import build_engine
 from wisp_server.launcher import ServerProcess
 from wisp_server.server import LOADING, WispServer
@@ -249,8 +252,9 @@ def test_a_device_kind_label_never_comes_from_outside_the_fixed_set(run):
     assert kinds == {"jetson-orin-nano", "laptop", OTHER} and kinds <= {*KINDS, OTHER}
 
 
-def test_health_is_not_serving_while_the_target_loads_and_serving_once_ready(tiny_pair):
-    """The main() order: the server starts before its engine exists, then takes it."""
+def test_health_is_not_serving_while_the_target_loads_and_serving_once_ready(tiny_pair, smollm2_tokenizer):
+    """The main() order: the server starts before its engine exists, then takes it. An edge that comes while it
+    loads is told to retry, not failed, even with no retries to spare."""
     config = ServerConfig(
         target_model=tiny_pair[0],
         engine="hf",
@@ -272,11 +276,21 @@ def test_health_is_not_serving_while_the_target_loads_and_serving_once_ready(tin
         with pytest.raises(grpc.RpcError) as loading:
             stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
         assert (loading.value.code(), loading.value.details()) == (grpc.StatusCode.UNAVAILABLE, LOADING)
+        trailers = dict(loading.value.trailing_metadata())
+        assert trailers == {RETRY_AFTER_KEY: str(config.retry_after_ms), SERVER_LOADING_KEY: "1"}
         with pytest.raises(grpc.RpcError) as loading:
             list(stub.Speculate(iter([pb.SpeculateRequest()]), timeout=10))
         assert loading.value.code() == grpc.StatusCode.UNAVAILABLE
+        edge = make_client(address, tiny_pair[1], smollm2_tokenizer, resume=ResumePolicy(max_retries=0))
+        answer: list = []
+        early = threading.Thread(target=lambda: answer.append(edge.generate([1, 504, 3458], max_new_tokens=6)))
+        early.start()
+        time.sleep(1.5)  # refused at least once while loading
+        assert early.is_alive()
 
         server.serve(build_engine(config))
+        early.join(timeout=60)
+        assert len(answer[0].token_ids) == 6 and answer[0].stats.resumes >= 1
         for service in ("", "wisp.v1.Wisp"):
             assert health_status(address, service) == health_pb2.HealthCheckResponse.SERVING
         assert http_health(server.metrics_port) == 200

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ def keepalive_options(every: float, timeout: float, server: bool) -> list[tuple[
     if server:
         options.append(("grpc.http2.min_ping_interval_without_data_ms", 1000))
     return options
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine for certain (a name other than localhost may resolve to anything)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 
+# Trailing metadata of a refusal, part of wisp.v1 (docs/protocol.md): milliseconds to wait before trying again
+# (capacity, rate limits, a server still loading its target), and, on a loading server's UNAVAILABLE, that the
+# server is coming up rather than failing.
+RETRY_AFTER_KEY = "retry-after-ms"
+SERVER_LOADING_KEY = "wisp-server-loading"
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -20,6 +20,7 @@ interactive conversation in the terminal.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import socket
 import sys
@@ -59,8 +60,9 @@ def build_client(config: EdgeConfig):
     return clients[0], tokenizer
 
 
-def build_clients(config: EdgeConfig, count: int):
-    """``count`` clients on one channel, each with its own drafter over the draft weights, loaded once."""
+def build_clients(config: EdgeConfig, count: int, wait_when_full: bool = True):
+    """``count`` clients on one channel, each with its own drafter over the draft weights, loaded once.
+    ``wait_when_full``: see `ResumePolicy`."""
     import torch
     import transformers
 
@@ -96,7 +98,7 @@ def build_clients(config: EdgeConfig, count: int):
     else:
         speculation = FixedLength
     server_decoding = config.speculation == "adaptive" and config.server_decoding
-    resume = ResumePolicy.of(config)
+    resume = dataclasses.replace(ResumePolicy.of(config), wait_when_full=wait_when_full)
     clients = [
         EdgeClient(channel, make_drafter(), identity, device, speculation, config.pipeline, server_decoding, resume)
         for _ in range(count)
@@ -206,7 +208,8 @@ def cmd_serve(config: EdgeConfig, args: argparse.Namespace) -> int:
 
     if config.max_concurrent_requests < 1:
         raise SystemExit("wisp-edge serve: --max-concurrent-requests must be at least 1")
-    clients, tokenizer = build_clients(config, config.max_concurrent_requests)
+    # A full server is answered at once with 429 and its Retry-After: the HTTP client decides whether to wait.
+    clients, tokenizer = build_clients(config, config.max_concurrent_requests, wait_when_full=False)
     info = clients[0].stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
     return serve(clients, tokenizer, config, config.served_model_name or info.target_model.name)
 

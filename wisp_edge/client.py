@@ -25,15 +25,13 @@ from wisp_common.config import EdgeConfig
 from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
-from wisp_common.request import SamplingParams, Slo
+from wisp_common.request import RETRY_AFTER_KEY, SERVER_LOADING_KEY, SamplingParams, Slo
 from wisp_common.verification import DraftDistribution
 from wisp_edge.controller import FixedLength, RoundTiming, SpeculationController, SpeculationMode
 from wisp_edge.drafter import Drafter
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata of a refusal for capacity or rate: milliseconds to wait before trying again (the server's key).
-RETRY_AFTER_KEY = "retry-after-ms"
 # Statuses after which a session is resumed on a new stream: the server is gone, restarting, draining, full or
 # overdue. Others (a bad request, a failed batch: INTERNAL) would fail again the same way.
 RESUMABLE = frozenset(
@@ -55,7 +53,10 @@ class ResumePolicy:
     last hints expect the round to take (queue, verification, network), whichever is longer: a hang, not
     slowness. Backoff is exponential with full jitter (so edges cut off together do not come back together),
     never shorter than the server's retry hint, and ``max_retries`` failures in a row without a committed token
-    end the generation.
+    end the generation. A server still loading its target is coming up, not failing: its refusals count only
+    once ``loading_timeout`` seconds of them have passed. Without ``wait_when_full``, a session a full server
+    refuses (RESOURCE_EXHAUSTED) before its first token fails at once, for a caller that tells its own client to
+    come back later (the daemon's 429).
     """
 
     round_timeout: float = 10.0
@@ -63,6 +64,8 @@ class ResumePolicy:
     max_retries: int = 8
     backoff: float = 0.25
     backoff_max: float = 8.0
+    loading_timeout: float = 600.0
+    wait_when_full: bool = True
 
     @classmethod
     def of(cls, config: EdgeConfig) -> ResumePolicy:
@@ -100,8 +103,9 @@ class _Interrupted(Exception):
     def __init__(self, error: grpc.RpcError):
         super().__init__(str(error))
         self.error = error
-        hint = dict(getattr(error, "trailing_metadata", lambda: None)() or ()).get(RETRY_AFTER_KEY)
-        self.retry_after = int(hint) / 1000 if hint else None
+        trailers = dict(getattr(error, "trailing_metadata", lambda: None)() or ())
+        self.retry_after = int(trailers[RETRY_AFTER_KEY]) / 1000 if trailers.get(RETRY_AFTER_KEY) else None
+        self.server_loading = SERVER_LOADING_KEY in trailers
 
 
 @dataclass
@@ -301,14 +305,22 @@ class EdgeClient:
             started=time.monotonic(),
         )
         self.drafter.start(prompt_ids)
-        failures = 0
+        failures, loading_since = 0, None
         while True:
             committed = len(run.generated)
             try:
                 return self._stream(run, stats, cancellation)
             except _Interrupted as interrupted:
-                failures = 0 if len(run.generated) > committed else failures + 1
-                if failures > self.resume.max_retries or (cancellation is not None and cancellation.cancelled):
+                loading_since = (loading_since or time.monotonic()) if interrupted.server_loading else None
+                coming_up = loading_since is not None and time.monotonic() - loading_since < self.resume.loading_timeout
+                failures = 0 if len(run.generated) > committed else failures + (not coming_up)
+                refused_when_full = (
+                    not run.generated
+                    and not self.resume.wait_when_full
+                    and interrupted.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                )
+                cancelled = cancellation is not None and cancellation.cancelled
+                if failures > self.resume.max_retries or refused_when_full or cancelled:
                     raise interrupted.error from None
                 delay = self.resume.delay(failures, interrupted.retry_after)
                 code = interrupted.error.code()

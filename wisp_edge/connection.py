@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import random
 import threading
 from collections.abc import Callable
@@ -23,9 +24,11 @@ from typing import Any
 
 import grpc
 
-from wisp_common.config import EdgeConfig, grpc_message_options, keepalive_options
+from wisp_common.config import EdgeConfig, grpc_message_options, is_loopback, keepalive_options
 
 # Target schemes gRPC resolves itself; the text after them may hold commas (ipv4:10.0.0.1:50051,10.0.0.2:50051).
+log = logging.getLogger(__name__)
+
 GRPC_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
@@ -34,7 +37,14 @@ def connect(config: EdgeConfig) -> grpc.Channel:
     """A channel to the configured server or servers, with the configured credentials and token."""
     credentials = channel_credentials(config)
     token = bearer_token(config)
-    channels = [_channel(target, credentials, token, config) for target in server_targets(config.server)]
+    targets = server_targets(config.server)
+    if token and credentials is None and not all(_is_local(target) for target in targets):
+        log.warning(
+            "sending the bearer token to %s without TLS: anyone on the network path can read and reuse it; give "
+            "--tls or --tls-ca (docs/security.md)",
+            config.server,
+        )
+    channels = [_channel(target, credentials, token, config) for target in targets]
     return channels[0] if len(channels) == 1 else BalancedChannel(channels)
 
 
@@ -46,6 +56,14 @@ def server_targets(server: str) -> list[str]:
     if not targets:
         raise ValueError("--server is empty: give host:port, a comma-separated list of them, or dns:///name:port")
     return targets
+
+
+def _is_local(target: str) -> bool:
+    """Whether every address of a gRPC target is on this machine (a Unix socket, or loopback)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    addresses = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target.split("///")[-1]
+    return all(is_loopback(address.rsplit(":", 1)[0]) for address in addresses.split(","))
 
 
 def channel_credentials(config: EdgeConfig) -> grpc.ChannelCredentials | None:

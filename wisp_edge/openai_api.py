@@ -36,9 +36,9 @@ from starlette.exceptions import HTTPException
 
 from wisp_common import systemd
 from wisp_common.config import EdgeConfig
-from wisp_common.request import SamplingParams, Slo
+from wisp_common.request import RETRY_AFTER_KEY, SamplingParams, Slo
 from wisp_edge.chat import conversation_ids
-from wisp_edge.client import RETRY_AFTER_KEY, Cancellation, EdgeClient, GenerationResult, GenerationStats
+from wisp_edge.client import Cancellation, EdgeClient, GenerationResult, GenerationStats
 from wisp_edge.detokenize import IncrementalText
 from wisp_edge.metrics import EdgeMetrics, RequestRecord, SpecDecodeStats
 

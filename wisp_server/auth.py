@@ -20,7 +20,6 @@ Secrets never reach logs or metrics: a token is logged only as the first 8 hex d
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import math
 import stat
@@ -29,8 +28,9 @@ from pathlib import Path
 
 import grpc
 
-from wisp_common.config import ServerConfig
+from wisp_common.config import ServerConfig, is_loopback
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+from wisp_common.request import RETRY_AFTER_KEY
 from wisp_server.metrics import ServerMetrics
 from wisp_server.rate_limit import DeviceRateLimit
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 OPEN_TO_ALL = "/grpc.health.v1.Health/"
 SPECULATE = "/wisp.v1.Wisp/Speculate"
 GENERATE = "/wisp.v1.Wisp/Generate"
-RETRY_AFTER = "retry-after-ms"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MIN_TOKEN_CHARS = 16
 
@@ -238,7 +237,7 @@ class AccessInterceptor(grpc.ServerInterceptor):
         self.metrics.refused.labels(refusal.status.name).inc()
         log.warning("refused a call from %s: %s: %s", context.peer(), refusal.status.name, refusal.message)
         if refusal.retry_after_ms is not None:
-            context.set_trailing_metadata(((RETRY_AFTER, str(refusal.retry_after_ms)),))
+            context.set_trailing_metadata(((RETRY_AFTER_KEY, str(refusal.retry_after_ms)),))
         context.abort(refusal.status, refusal.message)
 
 
@@ -295,15 +294,6 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
 
 
 def listen(server: grpc.Server, config: ServerConfig) -> int:

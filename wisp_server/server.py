@@ -25,6 +25,7 @@ from wisp_common.config import (
 from wisp_common.models import resolve_device, resolve_dtype
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+from wisp_common.request import RETRY_AFTER_KEY, SERVER_LOADING_KEY
 from wisp_common.systemd import notify
 from wisp_server.auth import access_interceptors, listen
 from wisp_server.engines.base import VerificationEngine
@@ -58,8 +59,9 @@ class _WispCalls(grpc.GenericRpcHandler):
     answer NOT_SERVING meanwhile; a generic handler is the one kind gRPC lets a started server take on later.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retry_after_ms: int) -> None:
         self._handlers: grpc.GenericRpcHandler | None = None
+        self._retry_after_ms = retry_after_ms
 
     def attach(self, service: WispService) -> None:
         collected = _Collected()
@@ -74,7 +76,7 @@ class _WispCalls(grpc.GenericRpcHandler):
         method = handler_call_details.method
         if not method.startswith(prefix) or method[len(prefix) :] not in WISP_SERVICE.methods_by_name:
             return None
-        return _unavailable(WISP_SERVICE.methods_by_name[method[len(prefix) :]])
+        return _unavailable(WISP_SERVICE.methods_by_name[method[len(prefix) :]], self._retry_after_ms)
 
 
 class _Collected:
@@ -101,10 +103,12 @@ def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     return make(behavior, tolerant(handler.request_deserializer), handler.response_serializer)
 
 
-def _unavailable(method: MethodDescriptor) -> grpc.RpcMethodHandler:
-    """A handler of the method's kind that refuses the call with UNAVAILABLE."""
+def _unavailable(method: MethodDescriptor, retry_after_ms: int) -> grpc.RpcMethodHandler:
+    """A handler of the method's kind that refuses the call with UNAVAILABLE, saying the server is loading: edges
+    retry after the hint without counting it as a failure."""
 
     def refuse(request, context: grpc.ServicerContext):
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(retry_after_ms)), (SERVER_LOADING_KEY, "1")))
         context.abort(grpc.StatusCode.UNAVAILABLE, LOADING)
 
     kinds = {
@@ -149,7 +153,7 @@ class WispServer:
             maximum_concurrent_rpcs=workers,
             interceptors=access_interceptors(config, self.metrics),  # tokens and rate limits, before any work
         )
-        self._wisp = _WispCalls()
+        self._wisp = _WispCalls(config.retry_after_ms)
         self._grpc.add_generic_rpc_handlers((self._wisp,))
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)

