@@ -33,6 +33,7 @@ def test_the_vllm_engine_serves_with_fewer_threads_than_cores(tmp_path, smollm2_
     tiny_llama(len(smollm2_tokenizer), hidden=128, heads=4).save_pretrained(tmp_path)
     smollm2_tokenizer.save_pretrained(tmp_path)
     args = ["--target-model", str(tmp_path), "--engine", "vllm", "--threads", "1", "--kv-cache-gib", "0.05"]
+    args += ["--no-profile-estimator"]
     with ServerProcess(args, log_prefix=None) as server:
         stub = pb_grpc.WispStub(grpc.insecure_channel(server.address))
         request = pb.GenerateRequest(

@@ -171,6 +171,7 @@ def test_default_models_resume_after_a_restart_token_for_token(engine, smollm2_t
     """The default target and its feature-conditioned draft: the restarted server sends the features of the
     whole context again with the resumed session's first verdict, and the edge's output is unchanged."""
     args = ["--target-model", "smollm2-135m-instruct", "--engine", engine, "--dtype", "float32"]
+    args += ["--no-profile-estimator"]  # resuming is the subject; both starts are quicker without the profile
     port, new_tokens = free_port(), 96
     config = EdgeConfig(server=f"127.0.0.1:{port}", threads=1)
     with ServerProcess([*args, "--port", str(port)], log_prefix=None) as first:

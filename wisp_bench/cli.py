@@ -153,11 +153,23 @@ def scaled_fleet(spec: FleetSpec, size: int) -> FleetSpec:
     return FleetSpec(tuple((n, counts[n]) for n, _ in spec.classes if counts[n]), spec.profiles)
 
 
+def vllm_default_batch(args: argparse.Namespace) -> tuple[int, int]:
+    """The batch limits `vllm serve` picks itself (max_num_seqs, max_num_batched_tokens; vLLM 0.32's
+    `EngineArgs._set_default_max_num_seqs_and_batched_tokens_args`): a user serving the target alone keeps them."""
+    if args.regime == "real":
+        return 128, 2048  # the CPU platform's
+    gpu = args.gpu_model.split("/")[0]
+    return (1024, 8192) if gpu.startswith(("h100", "h200", "b200")) else (256, 2048)  # >= 70 GB but A100; else
+
+
 def server_args(args: argparse.Namespace, configuration: Configuration, size: int, answers: Path) -> list[str]:
     common = ["--target-model", args.target_model, "--dtype", args.dtype, "--policy", configuration.policy]
     common += ["--max-sessions", str(max(args.sizes) + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
     if configuration.server_speculation:
         common += ["--generate-speculation", configuration.server_speculation]
+    if configuration.speculation is None:  # the target served alone, at vLLM's own batch limits, not WISP's
+        sessions, tokens = vllm_default_batch(args)
+        common += ["--max-batch-sessions", str(sessions), "--max-batch-tokens", str(tokens)]
     if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet
         common += ["--max-batch-sessions", str(min(size, 16))]
     if args.regime == "modeled":
