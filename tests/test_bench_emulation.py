@@ -265,6 +265,21 @@ def test_plans_give_the_same_prompts_in_the_same_order_for_a_seed():
     assert [s.think_seconds for s in fixed["laptop-1"]] == [1.5, 1.5, 1.5]
 
 
+def test_an_open_loop_run_gives_each_arrival_a_device_of_its_own_that_waits_for_its_arrival_time():
+    from wisp_bench.cli import open_loop_devices
+
+    prompts = load_workload_prompts()
+    fleet = FleetSpec.parse("laptop:1,jetson-orin-nano:3")
+    arrivals = workload.open_loop_plan(fleet, prompts, rate=4.0, count=40, seed=2)
+    devices, plan = open_loop_devices(fleet, prompts, 4.0, 40, 1.0, 2)
+    assert len({d.device_id for d in devices}) == 40
+    for device, arrival in zip(devices, arrivals):
+        assert device.profile == arrival.device.profile
+        assert plan[device.device_id] == [workload.ClosedLoopSession(arrival.time, arrival.prompt)]
+    assert 5.0 < arrivals[-1].time < 20.0  # 40 arrivals at 4 per second
+    assert sum(d.profile.name == "jetson-orin-nano" for d in devices) > 20  # the fleet's mix, 3 in 4
+
+
 # --- fleets and SLOs --------------------------------------------------------------------------------------------
 
 

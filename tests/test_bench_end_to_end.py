@@ -62,12 +62,16 @@ def test_replayed_devices_commit_what_real_edges_commit_in_the_same_rounds(workl
     assert sum(a.accepted for a in fixed.real) > 0  # the drafts are real drafts, not empty rounds
 
 
-@pytest.mark.parametrize("regime", ["modeled", "real"])
-def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp_path, regime):
+@pytest.mark.parametrize("regime, loop", [("modeled", "closed"), ("real", "closed"), ("modeled", "open")])
+def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp_path, regime, loop):
+    """Closed loop over fleet sizes 1 and 2, or open loop (Poisson arrivals, --rates) at 1 and 2 per second."""
     command = [sys.executable, "-m", "wisp_bench.cli", "run", "--regime", regime, "--engine", "hf"]
     command += ["--limit", str(PROMPTS), "--max-new-tokens", str(TOKENS), "--draft-tokens", str(DRAFTS)]
-    command += ["--sizes", "1", "2", "--sessions-per-device", "1", "--output-dir", str(tmp_path)]
-    command += ["--configs", "wisp", "centralized", "vllm-ngram"]
+    if loop == "closed":
+        command += ["--sizes", "1", "2", "--sessions-per-device", "1"]
+    else:
+        command += ["--rates", "1", "2", "--requests", "3"]
+    command += ["--output-dir", str(tmp_path), "--configs", "wisp", "centralized", "vllm-ngram"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     payload = json.loads((tmp_path / "results.json").read_text())
@@ -75,7 +79,7 @@ def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp
     points = {(s["config"], s["load"]) for s in payload["summaries"]}
     assert points == {(c, n) for c in ("wisp", "centralized", "vllm-ngram") for n in (1, 2)}
     for summary in payload["summaries"]:
-        assert summary["completed"] == summary["requests"] > 0, summary
+        assert summary["completed"] == summary["requests"] == (3 if loop == "open" else summary["load"]), summary
         if summary["config"] == "wisp":
             assert summary["tokens_per_round"] >= 1.0 and summary["acceptance_rate"] is not None
     for plot in ("goodput", "slo_attainment", "latency_cdf", "capacity_vs_tpot_slo"):

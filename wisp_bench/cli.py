@@ -24,7 +24,15 @@ from wisp_bench.record import RecordSettings, record
 from wisp_bench.replay import Recording, write_answers
 from wisp_bench.server_metrics import during, scrape
 from wisp_bench.trace import RequestTrace
-from wisp_bench.workload import FleetSpec, SloSpec, closed_loop_plan, load_workload_prompts
+from wisp_bench.workload import (
+    ClosedLoopSession,
+    Device,
+    FleetSpec,
+    SloSpec,
+    closed_loop_plan,
+    load_workload_prompts,
+    open_loop_plan,
+)
 from wisp_common.config import DEFAULT_DRAFT, DEFAULT_TARGET
 
 log = logging.getLogger("wisp_bench")
@@ -78,6 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         "--sizes", type=int, nargs="+", default=None, help="fleet sizes (default: real 1 2 4 8; modeled 4 8 16 32)"
     )
     run.add_argument("--sessions-per-device", type=int, default=3, help="sessions each device runs, back to back")
+    run.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="open loop instead of fleet sizes: arrivals per second, fleet-wide, each a new device of the --fleet "
+        "mix (capacity is then the highest rate with >= 90%% SLO attainment)",
+    )
+    run.add_argument("--requests", type=int, default=24, help="open loop: arrivals per rate")
+    run.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="open loop: Gamma shape of the gaps between arrivals, as vllm bench serve's (1: Poisson; < 1 burstier)",
+    )
     run.add_argument("--think", type=float, default=0.0, help="mean seconds a device pauses between sessions")
     run.add_argument(
         "--slo",
@@ -162,16 +185,17 @@ def vllm_default_batch(args: argparse.Namespace) -> tuple[int, int]:
     return (1024, 8192) if gpu.startswith(("h100", "h200", "b200")) else (256, 2048)  # >= 70 GB but A100; else
 
 
-def server_args(args: argparse.Namespace, configuration: Configuration, size: int, answers: Path) -> list[str]:
+def server_args(args: argparse.Namespace, configuration: Configuration, load: float, answers: Path) -> list[str]:
     common = ["--target-model", args.target_model, "--dtype", args.dtype, "--policy", configuration.policy]
-    common += ["--max-sessions", str(max(args.sizes) + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
+    most = args.requests if args.rates else max(args.sizes)  # sessions that may be open at once
+    common += ["--max-sessions", str(most + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
     if configuration.server_speculation:
         common += ["--generate-speculation", configuration.server_speculation]
     if configuration.speculation is None:  # the target served alone, at vLLM's own batch limits, not WISP's
         sessions, tokens = vllm_default_batch(args)
         common += ["--max-batch-sessions", str(sessions), "--max-batch-tokens", str(tokens)]
-    if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet
-        common += ["--max-batch-sessions", str(min(size, 16))]
+    if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet (open loop: unknown)
+        common += ["--max-batch-sessions", str(16 if args.rates else min(int(load), 16))]
     if args.regime == "modeled":
         return [*common, "--engine", "modeled", "--gpu-model", args.gpu_model, "--answers", str(answers)]
     return [*common, "--engine", args.engine]
@@ -193,26 +217,34 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     draft_path = resolve_model(args.draft_model)
     identity = draft_identity(args.draft_model)
     regime = regime_label(args)
-    traces: dict[tuple[str, int], list[RequestTrace]] = {}
-    server_figures: dict[str, dict] = {}  # per "config/size": what the server saw (batch sizes, estimator error)
-    total = len(args.configs) * sum(args.sizes) * args.sessions_per_device
+    traces: dict[tuple[str, float], list[RequestTrace]] = {}
+    server_figures: dict[str, dict] = {}  # per "config/load": what the server saw (batch sizes, estimator error)
+    loads = args.rates or args.sizes
+    per_config = len(loads) * args.requests if args.rates else sum(args.sizes) * args.sessions_per_device
+    total = len(args.configs) * per_config
     bar = tqdm(total=total, desc="sessions", unit="session")
-    server, server_kind = None, None
+    server, running_args = None, None
     try:
         for name in args.configs:
             configuration = CONFIGURATIONS[name]
-            for size in args.sizes:
-                kind = (configuration.policy, configuration.server_speculation)
-                if server is None or configuration.policy == "sled" or server_kind != kind:
+            for load in loads:
+                wanted = server_args(args, configuration, load, answers)
+                if wanted != running_args:  # a server is reused only where it was started exactly so
                     if server is not None:
                         server.stop()
                     bar.set_postfix_str(f"starting a server for {name}")
-                    server = ServerProcess(server_args(args, configuration, size, answers), log_prefix=None)
-                    server_kind = kind
+                    server = ServerProcess(wanted, log_prefix=None)
+                    running_args = wanted
                     warm_up(server.address, prompt_ids)
-                bar.set_postfix_str(f"{name}, {size} devices")
-                fleet = scaled_fleet(fleet_spec, size)
-                plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
+                bar.set_postfix_str(f"{name}, {load} arrivals/s" if args.rates else f"{name}, {load} devices")
+                if args.rates:
+                    devices, plan = open_loop_devices(
+                        fleet_spec, prompts, load, args.requests, args.burstiness, args.seed
+                    )
+                else:
+                    fleet = scaled_fleet(fleet_spec, load)
+                    devices = fleet.devices
+                    plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
                 run = DeviceRun(
                     configuration=configuration,
                     address=server.address,
@@ -227,8 +259,8 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
                     clock_zero=time.monotonic(),
                 )
                 before = scrape(server.metrics_port)
-                traces[(name, size)] = run_fleet(fleet, plan, slos, run, lambda _: bar.update())
-                server_figures[f"{name}/{size}"] = during(before, scrape(server.metrics_port))
+                traces[(name, load)] = run_fleet(devices, plan, slos, run, lambda _: bar.update())
+                server_figures[f"{name}/{load}"] = during(before, scrape(server.metrics_port))
     finally:
         bar.close()
         if server is not None:
@@ -266,7 +298,17 @@ def server_table(server: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def run_fleet(fleet: FleetSpec, plan, slos: SloSpec, run: DeviceRun, on_trace) -> list[RequestTrace]:
+def open_loop_devices(fleet_spec: FleetSpec, prompts, rate: float, count: int, burstiness: float, seed: int):
+    """Open loop: each arrival a device of its own (the fleet's mix), which waits for its arrival time, then sends."""
+    devices, plan = [], {}
+    for index, arrival in enumerate(open_loop_plan(fleet_spec, prompts, rate, count, burstiness, seed)):
+        device = Device(f"{arrival.device.device_id}/arrival-{index}", arrival.device.profile)
+        devices.append(device)
+        plan[device.device_id] = [ClosedLoopSession(arrival.time, arrival.prompt)]
+    return devices, plan
+
+
+def run_fleet(devices: list[Device], plan, slos: SloSpec, run: DeviceRun, on_trace) -> list[RequestTrace]:
     """Every device in its own thread, all at once; returns their traces when the last session ends."""
     traces: list[RequestTrace] = []
     lock = threading.Lock()
@@ -283,7 +325,7 @@ def run_fleet(fleet: FleetSpec, plan, slos: SloSpec, run: DeviceRun, on_trace) -
             args=(device, plan[device.device_id], slos.for_class(device.profile.name), run, stop, collect),
             daemon=True,
         )
-        for device in fleet.devices
+        for device in devices
     ]
     for thread in threads:
         thread.start()
@@ -388,7 +430,8 @@ def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestT
         name: metrics.capacity({s: metrics.attainment(g) for s, g in groups.items()})
         for name, groups in by_config.items()
     }
-    tpot_slos = args.tpot_slos or default_tpot_slos(by_config, min(args.sizes))
+    loads = args.rates or args.sizes
+    tpot_slos = args.tpot_slos or default_tpot_slos(by_config, min(loads))
     curves = {name: metrics.capacity_curve(groups, tpot_slos) for name, groups in by_config.items()}
     meta = {
         "command": " ".join(sys.argv),
@@ -399,17 +442,24 @@ def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestT
     payload = report.make_payload(regime, summaries, traces, capacity=capacity, capacity_curves=curves, meta=meta)
     out = args.output_dir
     report.write_json(out / "results.json", payload)
-    report.plot_goodput(summaries, out / "goodput.png", regime)
-    report.plot_slo_attainment(summaries, out / "slo_attainment.png", regime)
-    largest = max(args.sizes)
+    label, unit = ("arrival rate (requests/s)", "arrivals/s") if args.rates else ("fleet size (devices)", "devices")
+    report.plot_goodput(summaries, out / "goodput.png", regime, load_label=label)
+    report.plot_slo_attainment(summaries, out / "slo_attainment.png", regime, load_label=label)
+    largest = max(loads)
     report.plot_latency_cdfs(
         {n: traces[(n, largest)] for n in by_config}, out / "latency_cdf.png", regime, load=largest
     )
     operating = SloSpec.parse(args.slo).default.tpot_seconds  # the SLO the run was judged by: a user's pick
-    report.plot_capacity_curve(curves, out / "capacity_vs_tpot_slo.png", regime, operating_slo=operating)
+    report.plot_capacity_curve(
+        curves,
+        out / "capacity_vs_tpot_slo.png",
+        regime,
+        operating_slo=operating,
+        load_label=f"capacity ({unit} at >=90% SLO attainment)",
+    )
     table = report.markdown_table(summaries) + "\n\n" + server_table(server)
     (out / "summary.md").write_text(
-        f"{regime}\n\n{table}\n\ncapacity (devices at >= 90% SLO attainment): {json.dumps(capacity)}\n"
+        f"{regime}\n\n{table}\n\ncapacity ({unit} at >= 90% SLO attainment): {json.dumps(capacity)}\n"
     )
     print(f"\n{regime}\n\n{table}\n\ncapacity: {capacity}\nresults in {out}/")
     return 0
