@@ -191,11 +191,11 @@ def server_args(args: argparse.Namespace, configuration: Configuration, load: fl
     common += ["--max-sessions", str(most + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
     if configuration.server_speculation:
         common += ["--generate-speculation", configuration.server_speculation]
-    if configuration.speculation is None:  # the target served alone, at vLLM's own batch limits, not WISP's
-        sessions, tokens = vllm_default_batch(args)
-        common += ["--max-batch-sessions", str(sessions), "--max-batch-tokens", str(tokens)]
     if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet (open loop: unknown)
         common += ["--max-batch-sessions", str(16 if args.rates else min(int(load), 16))]
+    else:  # the same server capacity for every other configuration: vLLM's own batch limits on this platform
+        sessions, tokens = vllm_default_batch(args)
+        common += ["--max-batch-sessions", str(sessions), "--max-batch-tokens", str(tokens)]
     if args.regime == "modeled":
         return [*common, "--engine", "modeled", "--gpu-model", args.gpu_model, "--answers", str(answers)]
     return [*common, "--engine", args.engine]
