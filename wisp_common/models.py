@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,13 +51,24 @@ def _smollm2_gguf_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# transformers' from_pretrained swaps class attributes while it loads (PreTrainedModel.tie_weights among them)
+# and puts back what it found: two loads that overlap in threads can leave weight tying switched off for the
+# whole process, and every tied model loaded after them with a head on the meta device.
+_FROM_PRETRAINED = threading.Lock()
+
+
+def _from_pretrained(cls, *args, **kwargs) -> PreTrainedModel:
+    with _FROM_PRETRAINED:
+        return cls.from_pretrained(*args, **kwargs)
+
+
 def _build_smollm2_instruct(out: Path) -> None:
     """Dequantizes the packaged GGUF into a plain fp32 Llama checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     src = _smollm2_gguf_dir()
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    quantized = _from_pretrained(AutoModelForCausalLM, src, gguf_file=SMOLLM2_GGUF)
     config = quantized.config
     del config.quantization_config  # a GGUF-quantized model cannot be saved as is
     model = LlamaForCausalLM(config)
@@ -74,7 +86,7 @@ def _build_smollm2_slice_draft(out: Path) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     target_dir = resolve_model("smollm2-135m-instruct")
-    model = LlamaForCausalLM.from_pretrained(target_dir)
+    model = _from_pretrained(LlamaForCausalLM, target_dir)
     keep = list(range(10)) + list(range(20, 30))
     model.model.layers = model.model.layers.__class__([model.model.layers[i] for i in keep])
     for new_index, layer in enumerate(model.model.layers):
@@ -168,7 +180,7 @@ def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
 def load_causal_lm(name: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype(dtype, device))
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model(name), dtype=torch_dtype(dtype, device))
     return model.to(device).eval()
 
 
