@@ -58,6 +58,7 @@ class TargetSpec:
     parameters: int
     layers: int
     hidden_size: int
+    intermediate_size: int  # the MLP's width: not in the roofline (parameters are), but a model of this shape needs it
     attention_heads: int
     kv_heads: int
     head_dim: int
@@ -215,6 +216,7 @@ def load_gpu_model(name: str, path: Path | str = GPU_MODELS_PATH) -> GpuCostMode
             parameters=int(t("parameters")),
             layers=int(t("layers")),
             hidden_size=int(t("hidden_size")),
+            intermediate_size=int(t("intermediate_size")),
             attention_heads=int(t("attention_heads")),
             kv_heads=int(t("kv_heads")),
             head_dim=int(t("head_dim")),
