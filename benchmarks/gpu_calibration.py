@@ -2,7 +2,7 @@
 
 Two steps, because the GPU host has neither vLLM nor the target's weights:
 
-    python -m benchmarks.gpu_calibration measure --model h200/qwen3-32b   # on the GPU: the measured points
+    python -m benchmarks.gpu_calibration measure --gpu-model h200/qwen3-32b   # on the GPU: the measured points
     python -m benchmarks.gpu_calibration fit --points gpu_calibration_points.json [--write]   # anywhere
 
 `measure` builds a decoder of the target's exact shape (its layers, widths, heads and vocabulary, checked
@@ -40,7 +40,7 @@ CONTEXTS = (128, 1000, 4000)
 SESSIONS = (1, 4, 16, 64)
 NEW_TOKENS = (1, 2, 5, 9)
 PREFILLS = (128, 512, 2048)
-ASSUMED = ("memory_efficiency", "compute_efficiency")  # the figures a calibration replaces (and the overhead)
+ASSUMED = ("memory_efficiency", "compute_efficiency")  # what the fit is compared with (the overhead is host-side)
 # Host-side work of a serving step that a bare forward pass does not do; docs/modeled-gpu.md's assumption.
 HOST_OVERHEAD_S = 0.003
 HOST_OVERHEAD_SOURCE = (
@@ -230,29 +230,21 @@ def time_shape(decoder: RandomDecoder, shape: Shape, repeats: int, graphs: bool)
 
 
 def measure(args: argparse.Namespace) -> None:
-    cost = load_gpu_model(args.model)
-    cuda = torch.cuda.is_available() and args.device == "cuda"
-    device = "cuda" if cuda else "cpu"
+    cost = load_gpu_model(args.gpu_model)
     started = time.time()
-    decoder = RandomDecoder(cost.target, device)
+    decoder = RandomDecoder(cost.target, "cuda")
     if decoder.parameters() != cost.target.parameters:
         raise SystemExit(f"built {decoder.parameters():,} parameters, the target has {cost.target.parameters:,}")
-    if cuda:
-        free, _ = torch.cuda.mem_get_info()
-        max_kv_tokens = int((free - args.headroom_gib * 2**30) / cost.target.kv_bytes_per_token)
-        hardware = {
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "driver": _driver(),
-        }
-    else:
-        max_kv_tokens = args.max_kv_tokens
-        hardware = {"gpu": None, "torch": torch.__version__}
+    free, _ = torch.cuda.mem_get_info()
+    max_kv_tokens = int((free - args.headroom_gib * 2**30) / cost.target.kv_bytes_per_token)
+    hardware = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    hardware["driver"] = _driver()
     shapes = grid(min(max_kv_tokens, args.max_kv_tokens))
-    print(f"built {args.model} with random weights in {time.time() - started:.1f} s; {len(shapes)} shapes", flush=True)
+    print(
+        f"built {args.gpu_model} with random weights in {time.time() - started:.1f} s; {len(shapes)} shapes", flush=True
+    )
     payload = {
-        "model": args.model,
+        "model": args.gpu_model,
         "date": datetime.date.today().isoformat(),
         "hardware": hardware,
         "method": "random bf16 weights of the target's shape built in place; PyTorch eager and CUDA-graph replay; "
@@ -262,12 +254,11 @@ def measure(args: argparse.Namespace) -> None:
     }
     for shape in tqdm(shapes, desc="shapes", unit="shape"):
         try:
-            timed = time_shape(decoder, shape, args.repeats, graphs=cuda)
+            timed = time_shape(decoder, shape, args.repeats, graphs=True)
         except torch.OutOfMemoryError:
             payload["skipped"].append({**asdict(shape), "why": "out of GPU memory"})
             timed = None
-        if cuda:
-            torch.cuda.empty_cache()  # this shape's KV cache and graph pool, before the next one's
+        torch.cuda.empty_cache()  # this shape's KV cache and graph pool, before the next one's
         if timed is not None:
             payload["points"].append({**asdict(shape), **timed})
             tqdm.write(f"{shape}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in timed.items()))
@@ -413,21 +404,27 @@ def _fill_calibration(path: Path, model: str, calibration: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_calibration", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    m = verbs.add_parser("measure", help="time steps of a random-weight model of the target's shape (needs CUDA)")
-    m.add_argument("--model", default="h200/qwen3-32b", help="a GPU/target combination of gpu_models.json")
-    m.add_argument("--output", default=f"{NAME}_points.json")
-    m.add_argument("--repeats", type=int, default=10, help="timed steps per shape (the median is kept)")
-    m.add_argument("--device", default="cuda", help="cuda; cpu only to try the script out")
-    m.add_argument("--headroom-gib", type=float, default=12.0, help="GPU memory kept free of KV cache")
-    m.add_argument("--max-kv-tokens", type=int, default=10**9, help="skip shapes holding more KV tokens")
-    f = verbs.add_parser("fit", help="fit the cost model's efficiencies to measured points")
-    f.add_argument("--points", required=True)
-    f.add_argument("--timing", default="graph_s", choices=["graph_s", "eager_s"])
-    f.add_argument("--write", action="store_true", help="fill the model's calibration in gpu_models.json")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_calibration",
+        description=__doc__.split("\n")[0],
+        epilog="measure: time steps of a random-weight model of the target's shape (needs CUDA); "
+        "fit: fit the cost model's efficiencies to the measured points",
+    )
+    parser.add_argument("step", choices=["measure", "fit"])
+    parser.add_argument("--gpu-model", default="h200/qwen3-32b", help="measure: a GPU/target of gpu_models.json")
+    parser.add_argument("--output", default=f"{NAME}_points.json", help="measure: where the points go")
+    parser.add_argument("--repeats", type=int, default=10, help="measure: timed steps per shape (the median is kept)")
+    parser.add_argument("--headroom-gib", type=float, default=12.0, help="measure: GPU memory kept free of KV cache")
+    parser.add_argument("--max-kv-tokens", type=int, default=10**9, help="measure: skip shapes holding more KV")
+    parser.add_argument("--points", help="fit: a file `measure` wrote")
+    parser.add_argument("--timing", default="graph_s", choices=["graph_s", "eager_s"], help="fit: which times")
+    parser.add_argument("--write", action="store_true", help="fit: fill the model's calibration in gpu_models.json")
     args = parser.parse_args(argv)
-    (measure if args.verb == "measure" else fit)(args)
+    if args.step == "measure" and not torch.cuda.is_available():
+        parser.error("measure needs a CUDA GPU: it times the GPU at hand (run `fit` anywhere)")
+    if args.step == "fit" and not args.points:
+        parser.error("fit needs --points, a file `measure` wrote")
+    (measure if args.step == "measure" else fit)(args)
 
 
 if __name__ == "__main__":
