@@ -213,6 +213,25 @@ def test_speculation_figures():
     assert s.server_decoded_share == pytest.approx((0 + 2 + 4) / (16 + 6 + 4))
 
 
+def test_round_anatomy_splits_each_rounds_time_into_its_parts():
+    # 2 s from sending to the last token over 10 rounds: 200 ms a round, 150 of them out for verification.
+    timed = dict(round_trip_seconds=1.5, queue_seconds=0.3, verify_seconds=1.0)
+    traces = [
+        trace([0.5, 1.0, 2.2], sent_at=0.2, rounds=10, **timed),
+        trace([0.4, 0.6], rounds=5, server_decoded=1, round_trip_seconds=9.0),  # mixed with server decoding: out
+        trace([0.1, 0.2], config="wisp"),  # no rounds
+    ]
+    anatomy = summarize(traces).round_anatomy
+    assert anatomy == pytest.approx(
+        {"round_ms": 200.0, "edge_ms": 50.0, "network_ms": 20.0, "queue_ms": 30.0, "verify_ms": 100.0}
+    )
+    assert anatomy["round_ms"] == pytest.approx(sum(v for k, v in anatomy.items() if k != "round_ms"))
+    table = report.anatomy_table([summarize(traces, load=4)]).strip().splitlines()
+    assert table[2].split("|")[1:-1] == [" wisp/4 ", " 200 ", " 50 ", " 20 ", " 30 ", " 100 "]
+    assert summarize([trace([0.1, 0.2], config="centralized")]).round_anatomy is None
+    assert report.anatomy_table([summarize([trace([0.1, 0.2], config="centralized")])]) == ""
+
+
 def test_undefined_figures_are_none():
     central = summarize([trace([0.1, 0.2], config="centralized", server_decoded=2)])
     assert central.acceptance_rate is None

@@ -72,18 +72,36 @@ def test_pipelined_drafting_goes_on_only_while_the_run_out_for_verification_stay
     assert FixedLength(4).keeps_pipelining([signals(0.05)] * 4)  # SLED pipelines regardless
 
 
-def test_the_time_cap_stops_drafting_that_would_break_the_tpot_target():
+def test_one_more_draft_only_where_it_pays_for_its_time():
     controller = AdaptiveSpeculation(8, AcceptancePredictor(), min_run_probability=0.0)
     confident = [signals(0.99)] * 3
-    relaxed = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.005)
-    slow_drafter = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=0.0, verify=0.02, draft_token=0.15)
-    assert controller.round_length(confident, relaxed, can_draft_more=True) is None  # one more, please
+    fast_drafter = RoundTiming(rtt=0.01, queue=0.0, verify=0.02, draft_token=0.005)
+    slow_drafter = RoundTiming(rtt=0.01, queue=0.0, verify=0.02, draft_token=0.15)
+    assert controller.round_length(confident, fast_drafter, can_draft_more=True) is None  # one more, please
     assert controller.round_length(confident, slow_drafter, can_draft_more=True) == 3  # send what it has
-    # A round already over its budget (long queue) still drafts while that lowers its time per token.
-    congested = RoundTiming(tpot_slo=0.1, rtt=0.01, queue=1.0, verify=0.02, draft_token=0.005)
+    # A costly round (a long queue) makes each draft's time a small share of it: drafting goes on.
+    congested = RoundTiming(rtt=0.01, queue=1.0, verify=0.02, draft_token=0.15)
     assert controller.round_length(confident, congested, can_draft_more=True) is None
     # Drafts made while the last round was out cost no more time: the slow drafter sends them all.
     assert controller.round_length([signals(0.99)] * 8, slow_drafter, can_draft_more=False) == 8
+    # The rule is the rate's: drafting token n+1 pays exactly when it raises the round's tokens per second.
+    run = np.cumprod([controller.predictor.probability(s, i) for i, s in enumerate(confident)])
+    gain = run[-1] * controller.predictor.probability(confident[-1], 3)
+    fixed = 0.01 + 0.02
+    for draft_token in (0.001, 0.01, 0.05, 0.1, 0.3):
+        timing = RoundTiming(rtt=0.01, verify=0.02, draft_token=draft_token)
+        now = (1 + run.sum()) / (fixed + 3 * draft_token)
+        after = (1 + run.sum() + gain) / (fixed + 4 * draft_token)
+        assert (controller.round_length(confident, timing, can_draft_more=True) is None) == (after > now)
+
+
+def test_a_draft_that_would_be_held_back_is_not_drafted():
+    """Drafting a token only to withhold it costs the round its whole drafting time: the next token is judged,
+    before it is drafted, as likely as the last one."""
+    controller = AdaptiveSpeculation(8, AcceptancePredictor(), min_run_probability=0.25)
+    wavering = [signals(0.97), signals(0.4)]  # both go (their run stays over 0.25), a third at 0.4 would not
+    assert controller.round_length(wavering, RoundTiming(), can_draft_more=True) == 2
+    assert controller.round_length([signals(0.97)] * 2, RoundTiming(), can_draft_more=True) is None
 
 
 def test_verdicts_label_drafts_up_to_the_first_rejection():

@@ -458,6 +458,8 @@ def write_results(args, regime: str, traces: dict[tuple[str, int], list[RequestT
         load_label=f"capacity ({unit} at >=90% SLO attainment)",
     )
     table = report.markdown_table(summaries) + "\n\n" + server_table(server)
+    if anatomy := report.anatomy_table(summaries):
+        table += "\n\n" + anatomy
     (out / "summary.md").write_text(
         f"{regime}\n\n{table}\n\ncapacity ({unit} at >= 90% SLO attainment): {json.dumps(capacity)}\n"
     )

@@ -150,6 +150,8 @@ def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, 
     stats = result.stats
     trace.rounds, trace.drafted, trace.sent, trace.accepted = stats.rounds, stats.drafted, stats.sent, stats.accepted
     trace.idle_seconds, trace.server_decoded = stats.idle_seconds, stats.server_decoded
+    trace.round_trip_seconds, trace.draft_seconds = stats.round_trip_seconds, stats.draft_seconds
+    trace.queue_seconds, trace.verify_seconds = stats.server_queue_seconds, stats.server_verify_seconds
 
 
 def _generate(stub: pb_grpc.WispStub, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:

@@ -195,6 +195,7 @@ class RunSummary:
     wasted_draft_tokens: int  # drafted - accepted
     mean_edge_idle_s: float | None  # mean idle_seconds of speculative requests
     server_decoded_share: float | None  # server_decoded / total_output_tokens
+    round_anatomy: dict[str, float] | None  # where a speculative round's time goes (`round_anatomy`)
     slo_override: dict[str, float | None] | None = None  # the SLOs applied, when not the traces' own
     by_class: dict[str, ClassSummary] = field(default_factory=dict)
 
@@ -226,6 +227,29 @@ def by_class(
     for t in traces:
         groups.setdefault(t.device_class, []).append(t)
     return {name: _class_summary(name, group, span, slo or _OWN_SLO) for name, group in sorted(groups.items())}
+
+
+def round_anatomy(traces: Sequence[RequestTrace]) -> dict[str, float] | None:
+    """Where a verification round's time goes, in mean milliseconds per round, over the requests the server never
+    decoded on its own: the edge's time from a verdict to its next round (drafting, mostly), the network and both
+    ends' handling, the wait for a batch, and the verification. The four add up to ``round_ms``, a request's
+    time (from its sending to its last token) over its rounds. None without such requests."""
+    rounds_only = [t for t in traces if t.rounds and not t.server_decoded and t.token_times]
+    rounds = sum(t.rounds for t in rounds_only)
+    if not rounds:
+        return None
+    wall = sum(t.token_times[-1] - t.sent_at for t in rounds_only)
+    trip, queue, verify = (
+        sum(getattr(t, f) for t in rounds_only) for f in ("round_trip_seconds", "queue_seconds", "verify_seconds")
+    )
+    parts = {
+        "round_ms": wall,
+        "edge_ms": wall - trip,
+        "network_ms": trip - queue - verify,
+        "queue_ms": queue,
+        "verify_ms": verify,
+    }
+    return {name: 1000 * seconds / rounds for name, seconds in parts.items()}
 
 
 def summarize(
@@ -286,6 +310,7 @@ def summarize(
         wasted_draft_tokens=sum(t.drafted - t.accepted for t in done),
         mean_edge_idle_s=float(np.mean([t.idle_seconds for t in speculative])) if speculative else None,
         server_decoded_share=_ratio(sum(t.server_decoded for t in done), out_tokens),
+        round_anatomy=round_anatomy(speculative),
         slo_override=None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot},
         by_class=by_class(traces, span, applied),
     )

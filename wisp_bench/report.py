@@ -315,6 +315,20 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     return _markdown([h for h, _, _ in TABLE_COLUMNS], rows)
 
 
+ANATOMY_COLUMNS = ("round_ms", "edge_ms", "network_ms", "queue_ms", "verify_ms")
+
+
+def anatomy_table(summaries: Sequence[Summary]) -> str:
+    """Where speculative rounds' time goes, one row per point that has rounds; "" if none has."""
+    rows = [
+        [f"{s['config']}/{_fmt(s.get('load'))}", *(_fmt(s["round_anatomy"][k]) for k in ANATOMY_COLUMNS)]
+        for s in map(_as_dict, summaries)
+        if s.get("round_anatomy")
+    ]
+    header = ["round anatomy, ms per round", "round", "edge (drafting)", "network + handling", "queue", "verify"]
+    return _markdown(header, rows) if rows else ""
+
+
 def print_markdown_table(summaries: Sequence[Summary]) -> None:
     print(markdown_table(summaries), end="")
 

@@ -164,7 +164,9 @@ class EdgeConfig:
     speculation: str = _opt(
         "adaptive", "round length: the speculation controller decides, or a fixed length (SLED)", ("adaptive", "fixed")
     )
-    min_run_probability: float = _opt(0.25, "adaptive: stop drafting when P(every draft so far accepted) falls below")
+    min_run_probability: float = _opt(
+        0.25, "adaptive: send and draft only while P(every draft so far accepted) stays at least this"
+    )
     lookup_ngram: int = _opt(
         4, "prompt lookup: the longest suffix of the context matched against its earlier text, from 2 up (0: off)"
     )

@@ -301,7 +301,7 @@ class EdgeClient:
             max_new_tokens=max_new_tokens,
             draft_tokens=draft_tokens,
             on_tokens=on_tokens,
-            timing=RoundTiming(tpot_slo=slo.tpot_seconds),
+            timing=RoundTiming(),
             started=time.monotonic(),
         )
         self.drafter.start(prompt_ids)

@@ -7,16 +7,22 @@ probability, entropy, top-1/top-2 margin, position in the round, whether
 it was copied from earlier text, and the suffix index's own estimate where
 that proposed it), and an `AcceptancePredictor`, a logistic
 model, turns them into the chance that the target accepts that token.
-Drafting stops when
+A draft is sent while the chance that the whole run up to it is accepted
+stays at least ``min_run_probability`` (the first draft always goes: its
+verdict keeps the predictor learning). The next token is drafted only if it
+pays for its drafting time, judged before it is drafted, as likely as the
+last one was at its position:
 
-* the chance that the whole run drafted so far is accepted falls under
-  ``min_run_probability`` (the first draft always goes: its verdict keeps
-  the predictor learning), or
-* one more token would make the round slower than the session's TPOT
-  target allows for the tokens it is expected to commit, counting the
-  measured round trip and the server's hints for queueing and verification,
-  or
-* ``max_drafts`` are drafted.
+* its run would stay at least ``min_run_probability`` (a token drafted only
+  to be held back costs the round its whole drafting time), and
+* the tokens it is expected to add per second of drafting beat the round's
+  rate so far: expected committed tokens over the round's time, counting the
+  measured round trip and the server's hints for queueing and verification.
+  This is the length that minimizes the session's time per token; a fixed
+  length is as good only where it happens to be that length, and it differs
+  with the device, the load and the text;
+
+and never more than ``max_drafts`` (or the server's goodput-optimal length).
 
 The predictor is fitted from logged verdicts (`wisp-edge calibrate`), saved
 as ``controller.json`` beside the draft, and keeps adapting online: each
@@ -119,9 +125,8 @@ class AcceptancePredictor:
 
 @dataclass
 class RoundTiming:
-    """What a round costs besides drafting, in seconds: what the controller's time cap works with."""
+    """What a round costs besides drafting, in seconds: what decides whether one more draft pays for its time."""
 
-    tpot_slo: float = 0.0  # the session's time-per-output-token target; 0: no time cap
     rtt: float = 0.0  # measured network round trip
     queue: float = 0.0  # the server's hint: waiting for a batch
     verify: float = 0.0  # the server's hint: verification
@@ -166,7 +171,7 @@ class FixedLength(SpeculationController):
 
 
 class AdaptiveSpeculation(SpeculationController):
-    """WISP: the acceptance predictor and the session's time budget decide where each round stops."""
+    """WISP: the acceptance predictor and what the round costs decide where each round stops."""
 
     def __init__(
         self,
@@ -202,8 +207,7 @@ class AdaptiveSpeculation(SpeculationController):
             run *= p
             expected += run
         length = min(len(signals), cap)
-        # Draft another token only if it could be worth its time even if it is certain to be accepted.
-        if length == cap or not can_draft_more or not self._in_budget(length, run, expected, timing):
+        if length == cap or not can_draft_more or (length and not self._pays_to_draft(signals, run, expected, timing)):
             return length
         return None
 
@@ -214,18 +218,23 @@ class AdaptiveSpeculation(SpeculationController):
         run = math.prod(self.predictor.probability(s, position) for position, s in enumerate(signals))
         return run >= self.min_run_probability
 
-    def _in_budget(self, position: int, run: float, expected: float, timing: RoundTiming) -> bool:
-        """Whether drafting token ``position`` keeps the round's time per committed token within the TPOT target.
+    def _pays_to_draft(self, signals: Sequence[DraftSignals], run: float, expected: float, timing: RoundTiming) -> bool:
+        """Whether drafting one more token after ``signals`` (a run accepted with chance ``run``, a round expected
+        to commit ``expected`` tokens) pays for its time.
 
-        A round already slower than the target (a long queue, say) may still draft while each token
-        brings its time per committed token down.
+        Its chance is taken as the last token's at the next position: confidence comes in stretches. Drafting it
+        costs ``draft_token`` seconds and adds ``run * p`` tokens on average; it pays while that beats the
+        round's committed tokens per second so far. Before the round's costs are known (the first verdict brings
+        them), only the chance of its run decides.
         """
-        if timing.tpot_slo <= 0:
+        length = len(signals)
+        gain = run * self.predictor.probability(signals[-1], length)
+        if gain < self.min_run_probability:
+            return False
+        round_seconds = timing.rtt + timing.queue + timing.verify + length * timing.draft_token
+        if round_seconds <= 0 or timing.draft_token <= 0:
             return True
-        fixed = timing.rtt + timing.queue + timing.verify
-        before = (position * timing.draft_token + fixed) / expected
-        after = ((position + 1) * timing.draft_token + fixed) / (expected + run)
-        return after <= max(timing.tpot_slo, before)
+        return gain * round_seconds > expected * timing.draft_token
 
     def observe(self, signals: Sequence[DraftSignals], num_sent: int, num_accepted: int) -> None:
         """The accepted tokens, and the first rejected one, are labelled; each label is one online step."""
