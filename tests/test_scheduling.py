@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wisp_server.engines.base import RoundRequest
-from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features
+from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features, sequence_features
 from wisp_server.scheduler import (
     BatchLimits,
     ExpectedRound,
@@ -266,3 +266,16 @@ def test_holding_for_returning_sessions_ends_half_batches_where_that_pays(turnar
         assert knowing_rate > 1.1 * blind_rate  # tokens per second
     else:
         assert knowing_rate >= 0.99 * blind_rate  # never worse
+
+
+shapes = st.lists(st.builds(SequenceShape, st.integers(0, 4000), st.integers(1, 64)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(shapes, st.booleans())
+def test_a_batchs_features_are_its_launch_plus_each_sequences(batch, padded):
+    widest = None
+    if padded and batch:
+        widest = SequenceShape(max(s.context_tokens for s in batch), max(s.new_tokens for s in batch))
+    expected = np.array([1.0, 0, 0, 0, 0]) + sum((sequence_features(s, widest) for s in batch), np.zeros(5))
+    assert np.allclose(features(batch, padded), expected)

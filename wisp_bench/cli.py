@@ -281,10 +281,11 @@ def warm_up(address: str, prompt_ids: list[list[int]]) -> None:
 
 
 def server_table(server: dict[str, dict]) -> str:
-    """What the server saw at each point: its batches and its estimator's error."""
+    """What the server saw at each point: its batches, its estimator's error and its own time per round."""
     rows = [
-        "| config/devices | batches | mean batch | mean verify ms | mean queue ms | estimator MAPE % |",
-        "|---|---|---|---|---|---|",
+        "| config/devices | batches | mean batch | mean verify ms | mean queue ms | estimator MAPE % "
+        "| server overhead ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for point, f in server.items():
         cells = [
@@ -293,6 +294,7 @@ def server_table(server: dict[str, dict]) -> str:
             f["mean_verify_ms"],
             f["mean_queue_ms"],
             f["estimator_mape_percent"],
+            f.get("mean_round_overhead_ms"),
         ]
         rows.append(f"| {point} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     return "\n".join(rows)

@@ -18,7 +18,8 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def during(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """The server's figures between two scrapes: batches, their mean size and time, the estimator's error."""
+    """The server's figures between two scrapes: batches, their mean size and time, the estimator's error, and the
+    server's own time per round."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
@@ -30,6 +31,10 @@ def during(before: dict[str, float], after: dict[str, float]) -> dict[str, float
         "mean_verify_ms": 1000 * delta("wisp_verify_seconds_sum") / batches if batches else None,
         "mean_queue_ms": 1000 * delta("wisp_queue_seconds_sum") / max(1.0, delta("wisp_queue_seconds_count")),
         "estimator_mape_percent": after.get("wisp_estimator_mape_percent"),
+        # The server's own time per round once its batch is verified: committing it and building its verdict.
+        "mean_round_overhead_ms": 1000
+        * delta("wisp_round_overhead_seconds_sum")
+        / max(1.0, delta("wisp_round_overhead_seconds_count")),
         "server_draft_tokens": delta("wisp_draft_tokens_total"),
         "server_accepted_tokens": delta("wisp_accepted_tokens_total"),
         "server_decoded_tokens": delta("wisp_server_decoded_tokens_total"),
