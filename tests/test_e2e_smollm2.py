@@ -67,11 +67,11 @@ def edge_command(address: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "wisp_edge.cli", "generate", "--server", address, "--threads", "1", *args]
 
 
-def batch_edge(address: str, prompts: list[str], tmp_path, name: str) -> subprocess.Popen:
+def batch_edge(address: str, prompts: list[str], tmp_path, name: str, *options: str) -> subprocess.Popen:
     prompts_file, output = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.out.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     args = ["--prompts-file", str(prompts_file), "--output", str(output), "--max-new-tokens", str(NEW_TOKENS)]
-    return subprocess.Popen(edge_command(address, *args, "--ignore-eos", "--draft-tokens", "3"))
+    return subprocess.Popen(edge_command(address, *args, "--ignore-eos", "--draft-tokens", "3", *options))
 
 
 def answers(tmp_path, name: str) -> list[list[int]]:
@@ -92,6 +92,19 @@ def test_two_edge_processes_at_once_are_lossless(server, tmp_path, references):
         prompt_ids, reference = expected[prompt]
         assert_greedy_equal(target, prompt_ids, concurrent[prompt], reference)
     assert answers(tmp_path, "alone") == [concurrent[PROMPTS[0]], concurrent[PROMPTS[3]]]
+
+
+def test_a_server_paced_edge_is_lossless_and_its_streamed_drafts_are_verified(server, tmp_path, references):
+    """The default draft streaming to a server that decodes at its own pace: the target's text, token for token,
+    with drafts verified on the way (the draft is fast enough here to stay ahead of the steps)."""
+    prompts = PROMPTS[:4]
+    edge = batch_edge(server.address, prompts, tmp_path, "paced", "--server-paced")
+    assert edge.wait(timeout=600) == 0
+    target, expected = references
+    for prompt, answer in zip(prompts, answers(tmp_path, "paced")):
+        assert_greedy_equal(target, expected[prompt][0], answer, expected[prompt][1])
+    records = [json.loads(line) for line in (tmp_path / "paced.out.jsonl").read_text().splitlines()]
+    assert sum(r["accepted"] for r in records) > 0
 
 
 def test_calibrate_fits_the_controller_to_the_pair(server, tmp_path):

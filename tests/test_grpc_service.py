@@ -6,6 +6,7 @@ sessions that the server is serving at the same time.
 
 from __future__ import annotations
 
+import queue
 import threading
 from urllib.request import urlopen
 
@@ -224,6 +225,55 @@ def test_generate_streams_share_every_step_and_a_client_that_leaves_disturbs_non
     # 3 x 40 steps (and the leaver's few) in about 40 batches.
     assert (rows - rows_before) / (count - batches_before) >= 2.7
     assert generated(stub, PROMPT, 8) == reference_greedy(target_model, PROMPT, 8)  # and the server serves on
+
+
+def test_a_server_paced_session_verifies_the_streamed_drafts_that_fit(stub, smollm2_tokenizer, target_model):
+    """Server-paced: the server decodes step after step, unasked, and each step verifies the newest streamed
+    round from the first token not committed yet. A round of the target's own answer is accepted as far as the
+    steps verify it; every verdict names the drafts it accepted, and the text is the target's."""
+    reference = reference_greedy(target_model, PROMPT, 24)
+    opening = open_request(smollm2_tokenizer, max_new_tokens=24)
+    opening.open.server_paced = True
+    requests: queue.Queue = queue.Queue()
+    responses = stub.Speculate(iter(requests.get, None), timeout=30)
+    requests.put(opening)
+    assert next(responses).HasField("opened")
+    verdicts, committed = [], []
+    for verdict in (r.verdict for r in responses):
+        verdicts.append(verdict)
+        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
+        assert verdict.position == len(PROMPT) + len(committed)
+        if not verdict.finished:  # the answer from here on, as an edge with a perfect draft would stream it
+            requests.put(draft_request(verdict.position, reference[len(committed) : len(committed) + 6]))
+    requests.put(None)
+    assert committed == reference and verdicts[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert verdicts[0].num_drafts == 0  # queued at once: no round had come
+    assert sum(v.num_drafts for v in verdicts) > 0
+    assert all(len(v.accepted_token_ids) == v.num_accepted <= v.num_drafts for v in verdicts)
+    assert sum(v.num_accepted for v in verdicts) == sum(v.num_drafts for v in verdicts)  # every draft is right
+
+
+def test_a_streamed_round_that_no_longer_fits_is_not_verified_and_a_later_one_is_refused(stub, smollm2_tokenizer):
+    """A server-paced round whose leading drafts differ from what was committed since its position is skipped
+    (the step decodes alone); one that claims a position past the committed text is FAILED_PRECONDITION."""
+    opening = open_request(smollm2_tokenizer, max_new_tokens=200)  # still running when the bad round comes
+    opening.open.server_paced = True
+    requests: queue.Queue = queue.Queue()
+    responses = stub.Speculate(iter(requests.get, None), timeout=30)
+    requests.put(opening)
+    assert next(responses).HasField("opened")
+    first = next(responses).verdict
+    assert first.num_drafts == 0 and first.position == len(PROMPT) + 1
+    wrong = (first.next_token + 1) % 100
+    requests.put(draft_request(len(PROMPT), [wrong, 5, 6]))  # its first draft is not the committed token
+    verdicts = [next(responses).verdict for _ in range(3)]
+    assert all(v.num_drafts == 0 and not v.accepted_token_ids for v in verdicts)
+    requests.put(draft_request(len(PROMPT) + 50, [5]))
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in responses:
+            pass
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "committed tokens" in caught.value.details()
+    requests.put(None)
 
 
 def test_metrics_are_real_prometheus_exposition(tiny_server, stub, smollm2_tokenizer):

@@ -36,12 +36,14 @@ class Configuration:
     speculation: str | None  # the devices' mode: adaptive, fixed, or None (centralized: no drafting)
     pipeline: bool = False
     server_speculation: str = ""  # the server's own speculation for Generate (wisp-server --generate-speculation)
+    server_paced: bool = False  # the devices stream drafts to a server decoding at its own pace (wisp-edge)
 
 
 CONFIGURATIONS = {
     c.name: c
     for c in (
         Configuration("wisp", "wisp", "adaptive", pipeline=True),
+        Configuration("wisp-paced", "wisp", "adaptive", pipeline=True, server_paced=True),
         Configuration("sled", "sled", "fixed"),  # static batches, a fixed length (SLED)
         Configuration("fcfs", "fcfs", "fixed"),
         Configuration("centralized", "fcfs", None),  # the target alone: continuous batching of Generate streams
@@ -90,6 +92,7 @@ def run_device(
             pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name),
             run.predictor if run.configuration.speculation == "adaptive" else None,
             run.configuration.pipeline,
+            run.configuration.server_paced,
         )
     stub = pb_grpc.WispStub(channel)
     try:
@@ -128,6 +131,7 @@ def replayed_edge(
     device: pb.DeviceInfo | None,
     predictor: AcceptancePredictor | None,
     pipeline: bool,
+    server_paced: bool = False,
 ) -> EdgeClient:
     """The real edge with a `ReplayDrafter`. With a ``predictor`` it is adaptive (its own copy of the predictor, as
     each real edge has) and lets the server decode where no draft pays, as WISP's edges do; without one it drafts
@@ -137,7 +141,9 @@ def replayed_edge(
     if predictor is None:
         return EdgeClient(channel, drafter, identity, device, FixedLength, pipeline)
     mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))
-    return EdgeClient(channel, drafter, identity, device, mode, pipeline, server_decoding=True)
+    return EdgeClient(
+        channel, drafter, identity, device, mode, pipeline, server_decoding=True, server_paced=server_paced
+    )
 
 
 def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:

@@ -190,6 +190,11 @@ class EdgeConfig:
     server_decoding: bool = _opt(
         True, "adaptive: where no draft pays at the server's load, let it decode the session itself (no round trips)"
     )
+    server_paced: bool = _opt(
+        False,
+        "server-paced speculation: the server decodes at its own pace and verifies the drafts this edge streams, "
+        "never waiting for its drafting or round trip (pays where a server step is short against the round trip)",
+    )
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")

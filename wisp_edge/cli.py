@@ -100,7 +100,17 @@ def build_clients(config: EdgeConfig, count: int, wait_when_full: bool = True):
     server_decoding = config.speculation == "adaptive" and config.server_decoding
     resume = dataclasses.replace(ResumePolicy.of(config), wait_when_full=wait_when_full)
     clients = [
-        EdgeClient(channel, make_drafter(), identity, device, speculation, config.pipeline, server_decoding, resume)
+        EdgeClient(
+            channel,
+            make_drafter(),
+            identity,
+            device,
+            speculation,
+            config.pipeline,
+            server_decoding,
+            resume,
+            config.server_paced,
+        )
         for _ in range(count)
     ]
     return clients, tokenizer
@@ -177,7 +187,7 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
         prompts = training_prompts(args.limit, seed=1)
     client, tokenizer = build_client(config)
     client.speculation, client.pipeline, client.round_log = FixedLength, False, []  # long rounds: labels deep in them
-    client.server_decoding = False
+    client.server_decoding = client.server_paced = False
     for index, prompt in enumerate(prompts):
         result = generate_one(client, tokenizer, config, prompt)
         summary = {"finish_reason": result.finish_reason, **result.stats.summary()}

@@ -7,6 +7,11 @@ keeps drafting while a round is out for verification, as if every draft will
 be accepted; that work is kept when the verdict proves it right (all drafts
 accepted and the bonus token guessed), else dropped. Callers see only
 committed tokens, which are exactly the target's own.
+
+Server-paced (``server_paced``), the edge does not wait for verdicts to send:
+the server decodes the session step after step, and the edge streams its
+newest drafts (a run as far as the controller trusts) for the server to
+verify in whichever step comes next.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from wisp_edge.controller import FixedLength, RoundTiming, SpeculationController
 from wisp_edge.drafter import Drafter
 
 log = logging.getLogger(__name__)
+
+# Server-paced: a streamed round drafts this many tokens beyond what a step verifies, since the step in flight
+# when it arrives commits about that many first.
+PACE_LEAD = 2
 
 # Statuses after which a session is resumed on a new stream: the server is gone, restarting, draining, full or
 # overdue. Others (a bad request, a failed batch: INTERNAL) would fail again the same way.
@@ -246,8 +255,10 @@ class EdgeClient:
         pipeline: bool = False,
         server_decoding: bool = False,
         resume: ResumePolicy = ResumePolicy(),
+        server_paced: bool = False,
     ):
         """``server_decoding``: let the server decode the session itself where no draft pays at its load.
+        ``server_paced``: let the server decode at its own pace, verifying the drafts the edge streams.
 
         ``channel`` may spread calls over several servers (`wisp_edge.connection.BalancedChannel`): a resumed
         session is a new call, so it starts on another server where the first is gone."""
@@ -259,6 +270,7 @@ class EdgeClient:
         self.speculation = speculation
         self.pipeline = pipeline
         self.server_decoding = server_decoding
+        self.server_paced = server_paced
         # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
         self.round_log: list[tuple[list, int, int]] | None = None
 
@@ -297,6 +309,7 @@ class EdgeClient:
                 device=self.device,
                 return_features=self.drafter.wants_features,
                 accept_server_decoding=self.server_decoding,
+                server_paced=self.server_paced,
             ),
             max_new_tokens=max_new_tokens,
             draft_tokens=draft_tokens,
@@ -343,77 +356,140 @@ class EdgeClient:
             cancellation.attach(responses)
         inbox: queue.Queue = queue.Queue()
         threading.Thread(target=_read, args=(responses, inbox), daemon=True).start()
-        timing, generated = run.timing, run.generated
         try:
             opening = pb.OpenSession()
             opening.CopyFrom(run.open)
-            opening.committed_token_ids.extend(generated)  # a resumed session: nothing lost, nothing twice
+            opening.committed_token_ids.extend(run.generated)  # a resumed session: nothing lost, nothing twice
             requests.put(pb.SpeculateRequest(open=opening))
             opened = _next(inbox, time.monotonic() + self.resume.round_timeout)[1].opened
             limit = min(run.draft_tokens, opened.max_draft_tokens)
             if run.controller is None or run.controller.max_drafts != limit:
                 run.controller = self.speculation(limit)
-            controller = run.controller
-            position = opened.position
-            server_decoding = False  # the server is decoding on its own: its verdicts come without rounds
-            while True:
-                room = run.max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
-                count = 0 if server_decoding else self._round_length(controller, timing, room, stats)
-                drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
-                if not server_decoding:
-                    round_ = pb.DraftRound(
-                        round=stats.rounds,
-                        position=position,
-                        token_ids=drafts,
-                        draft_probabilities=draft_probabilities(self.drafter.proposals[:count]),
-                    )
-                    requests.put(pb.SpeculateRequest(draft=round_))
-                sent_at, pipelined = time.monotonic(), stats.pipelined
-                deadline = sent_at + self.resume.wait_limit(timing.queue + timing.verify + timing.rtt)
-                arrived, response = self._await_verdict(inbox, controller, count, room, stats, deadline)
-                verdict, pipelined = response.verdict, stats.pipelined - pipelined
-                decoded_by_server = server_decoding
-                if decoded_by_server:
-                    stats.server_decoded += verdict.HasField("next_token")
-                else:
-                    # Up to the verdict's arrival: a draft step running then is the edge's time, not the trip's.
-                    stats.round_trip_seconds += arrived - sent_at
-                    round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
-                    timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
-                    controller.observe(signals, count, verdict.num_accepted)
-                timing.queue, timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
-                timing.suggested_drafts = verdict.hints.suggested_draft_tokens
-                server_decoding = verdict.server_decoding
-
-                next_token = verdict.next_token if verdict.HasField("next_token") else None
-                features = decode_features(verdict.features) if verdict.HasField("features") else None
-                self.drafter.commit(verdict.num_accepted, next_token, features)
-                stats.pipelined_kept += min(pipelined, len(self.drafter.pending))
-                if self.round_log is not None:
-                    self.round_log.append((signals, count, verdict.num_accepted))
-                committed = drafts[: verdict.num_accepted] + ([] if next_token is None else [next_token])
-                if not generated:
-                    stats.ttft_seconds = time.monotonic() - run.started
-                generated += committed
-                position = verdict.position
-                stats.rounds += not decoded_by_server  # verification rounds: the server's own steps are not
-                stats.sent += count
-                stats.accepted += verdict.num_accepted
-                stats.record_round(count, verdict.num_accepted)
-                stats.server_queue_seconds += verdict.timings.queue_seconds
-                stats.server_verify_seconds += verdict.timings.verify_seconds
-                if run.on_tokens is not None:
-                    run.on_tokens(committed)
-                if verdict.finished:
-                    break
+            if self.server_paced:
+                verdict = self._paced(run, stats, requests, inbox, opened)
+            else:
+                verdict = self._rounds(run, stats, requests, inbox, opened.position)
             requests.put(pb.SpeculateRequest(close=pb.CloseSession()))
-            stats.generated = len(generated)
+            stats.generated = len(run.generated)
             stats.wall_seconds = time.monotonic() - run.started
             reason = pb.FinishReason.Name(verdict.finish_reason).removeprefix("FINISH_REASON_").lower()
-            return GenerationResult(generated, reason, stats)
+            return GenerationResult(run.generated, reason, stats)
         finally:
             requests.put(None)
             responses.cancel()
+
+    def _rounds(
+        self, run: _Run, stats: GenerationStats, requests: queue.Queue, inbox: queue.Queue, position: int
+    ) -> pb.Verdict:
+        """Edge-paced: each round waits for the edge's drafts, each verdict answers one; returns the last."""
+        controller, timing, generated = run.controller, run.timing, run.generated
+        server_decoding = False  # the server is decoding on its own: its verdicts come without rounds
+        while True:
+            room = run.max_new_tokens - len(generated) - 1  # the verdict's own token always comes on top
+            count = 0 if server_decoding else self._round_length(controller, timing, room, stats)
+            drafts, signals = self.drafter.pending[:count], self.drafter.signals[:count]
+            if not server_decoding:
+                round_ = pb.DraftRound(
+                    round=stats.rounds,
+                    position=position,
+                    token_ids=drafts,
+                    draft_probabilities=draft_probabilities(self.drafter.proposals[:count]),
+                )
+                requests.put(pb.SpeculateRequest(draft=round_))
+            sent_at, pipelined = time.monotonic(), stats.pipelined
+            deadline = sent_at + self.resume.wait_limit(timing.queue + timing.verify + timing.rtt)
+            arrived, response = self._await_verdict(inbox, controller, count, room, stats, deadline)
+            verdict, pipelined = response.verdict, stats.pipelined - pipelined
+            decoded_by_server = server_decoding
+            if decoded_by_server:
+                stats.server_decoded += verdict.HasField("next_token")
+            else:
+                # Up to the verdict's arrival: a draft step running then is the edge's time, not the trip's.
+                stats.round_trip_seconds += arrived - sent_at
+                round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
+                timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
+                controller.observe(signals, count, verdict.num_accepted)
+            server_decoding = verdict.server_decoding
+
+            next_token = verdict.next_token if verdict.HasField("next_token") else None
+            features = decode_features(verdict.features) if verdict.HasField("features") else None
+            self.drafter.commit(verdict.num_accepted, next_token, features)
+            stats.pipelined_kept += min(pipelined, len(self.drafter.pending))
+            if self.round_log is not None:
+                self.round_log.append((signals, count, verdict.num_accepted))
+            position = verdict.position
+            stats.rounds += not decoded_by_server  # verification rounds: the server's own steps are not
+            self._take(run, stats, verdict, drafts[: verdict.num_accepted], count)
+            if verdict.finished:
+                return verdict
+
+    def _paced(
+        self, run: _Run, stats: GenerationStats, requests: queue.Queue, inbox: queue.Queue, opened: pb.SessionOpened
+    ) -> pb.Verdict:
+        """Server-paced: verdicts come a step at a time, unasked. Between them the edge drafts a run as far as
+        the controller trusts (a step verifies up to the server's suggested drafts, after the tokens the step in
+        flight commits), and streams it whenever it has grown or the context has moved; returns the last
+        verdict."""
+        controller, timing, drafter = run.controller, run.timing, self.drafter
+        position, last = opened.position, None  # last: the (position, drafts) of the newest round streamed
+        streamed: dict[int, tuple[int, list]] = {}  # by round: its position and its drafts' signals
+        while True:
+            room = run.max_new_tokens - len(run.generated) - 1
+            verified = controller.max_drafts
+            if timing.suggested_drafts is not None:
+                verified = min(verified, timing.suggested_drafts)
+            depth = min(room, opened.max_draft_tokens, verified + PACE_LEAD) if verified else 0
+            while inbox.empty() and len(drafter.pending) < depth and controller.keeps_pipelining(drafter.signals):
+                if not self._draft_one(stats, timing):
+                    break
+            count = min(len(drafter.pending), depth)
+            if count and (position, count) != last:
+                number, last = max(streamed, default=-1) + 1, (position, count)
+                streamed[number] = (position, drafter.signals[:count])
+                streamed.pop(number - 16, None)  # a step verifies the newest round: older ones are not needed
+                round_ = pb.DraftRound(
+                    round=number,
+                    position=position,
+                    token_ids=drafter.pending[:count],
+                    draft_probabilities=draft_probabilities(drafter.proposals[:count]),
+                )
+                requests.put(pb.SpeculateRequest(draft=round_))
+            waiting = time.monotonic()
+            _, response = _next(inbox, waiting + self.resume.wait_limit(timing.queue + timing.verify))
+            stats.idle_seconds += time.monotonic() - waiting
+            verdict = response.verdict
+            accepted = list(verdict.accepted_token_ids)
+            committed = accepted + ([verdict.next_token] if verdict.HasField("next_token") else [])
+            if verdict.num_drafts and verdict.round in streamed:
+                at, signals = streamed[verdict.round]
+                start = verdict.position - len(committed) - at  # its drafts the step found committed already
+                controller.observe(signals[start : start + verdict.num_drafts], verdict.num_drafts, len(accepted))
+            features = decode_features(verdict.features) if verdict.HasField("features") else None
+            drafter.advance(committed, features)
+            position = verdict.position
+            stats.rounds += 1  # every step verifies the session, with drafts or without
+            stats.server_decoded += verdict.num_drafts == 0 and verdict.HasField("next_token")
+            self._take(run, stats, verdict, accepted, verdict.num_drafts)
+            if verdict.finished:
+                return verdict
+
+    @staticmethod
+    def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, accepted: list[int], verified: int) -> None:
+        """What every verdict brings: its tokens (``accepted`` drafts of ``verified``, then its own token) to the
+        caller, the server's hints to the next rounds' timing, its figures to the stats."""
+        run.timing.queue, run.timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
+        run.timing.suggested_drafts = verdict.hints.suggested_draft_tokens
+        committed = accepted + ([verdict.next_token] if verdict.HasField("next_token") else [])
+        if not run.generated:
+            stats.ttft_seconds = time.monotonic() - run.started
+        run.generated += committed
+        stats.sent += verified
+        stats.accepted += verdict.num_accepted
+        stats.record_round(verified, verdict.num_accepted)
+        stats.server_queue_seconds += verdict.timings.queue_seconds
+        stats.server_verify_seconds += verdict.timings.verify_seconds
+        if run.on_tokens is not None:
+            run.on_tokens(committed)
 
     def _draft_one(self, stats: GenerationStats, timing: RoundTiming | None = None) -> bool:
         started = time.monotonic()

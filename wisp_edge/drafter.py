@@ -129,6 +129,12 @@ class Drafter(ABC):
         self.proposals = self.proposals[len(self.proposals) - kept :]
         self._sync(features)
 
+    def advance(self, tokens: Sequence[int], features: torch.Tensor | None = None) -> None:
+        """Commits ``tokens``, the target's, whatever drafts they came from (a server-paced verdict): pending
+        drafts survive as far as they match them. ``features`` as for `commit`, after the last token."""
+        for i, token in enumerate(tokens):
+            self.commit(0, token, features if i == len(tokens) - 1 else None)
+
     def _copied(self, top1: float) -> tuple[int, float] | None:
         """A token copied from earlier text instead of a draft with top-1 probability ``top1``, and the suffix
         index's probability for it (0: the prompt lookup's). The suffix index goes first, where it is surer than

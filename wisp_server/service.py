@@ -4,6 +4,14 @@ Each Speculate stream is one session. Its handler validates every message,
 hands rounds to the `BatchScheduler` and turns results into verdicts. A bad
 message ends only its own stream, with a status code and a message a person
 can act on; other sessions never notice.
+
+A session runs in one of two paces. Edge-paced (the default), each round
+waits for the edge's DraftRound and each verdict answers one. Server-paced
+(OpenSession.server_paced), the server decodes the session step after step
+as Generate does, and each step verifies the newest drafts the edge has
+streamed that still fit the committed text: the server never waits for the
+edge's drafting or its round trip, and drafts it gets cost it only their
+verification.
 """
 
 from __future__ import annotations
@@ -17,7 +25,10 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -86,6 +97,16 @@ class _EdgeLeft(Exception):
     """The edge is gone: nobody is left to answer, only the session to free."""
 
 
+@dataclass(frozen=True)
+class _StreamedRound:
+    """A server-paced session's newest DraftRound, checked: drafts that follow its first ``position`` tokens."""
+
+    round: int
+    position: int
+    drafts: tuple[int, ...]
+    proposals: tuple  # one DraftDistribution | None per draft, or empty: all point masses
+
+
 def resumed_seed(seed: int, committed: int) -> int:
     """The sampler seed of a seeded session resumed after ``committed`` tokens.
 
@@ -151,22 +172,13 @@ class WispService(pb_grpc.WispServicer):
                     max_draft_tokens=self.config.max_draft_tokens,
                 )
             )
+            if first.open.server_paced:
+                yield from self._paced(session, inbox, context)
+                return
             while (message := self._next_request(inbox)) is not None:
-                kind = message.WhichOneof("kind")
-                if kind == "close":
+                if (draft := self._draft_of(session, message)) is None:
                     return
-                if kind is None:
-                    raise RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "a SpeculateRequest sets none of `open`, `draft` or `close`; set exactly one",
-                    )
-                if kind != "draft":
-                    raise RequestError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"session {session.session_id} is already open; send `draft` or `close`, or open another "
-                        "session on a new stream",
-                    )
-                pending = self._submit_round(session, message.draft)
+                pending = self._submit_round(session, draft)
                 session.round_arrived(pending.arrival)
                 round_number = message.draft.round
                 while pending is not None:  # the edge's round, then those the server decodes on its own
@@ -202,6 +214,75 @@ class WispService(pb_grpc.WispServicer):
             if session is not None:
                 self._close(session)
 
+    def _paced(
+        self, session: Session, inbox: queue.Queue, context: grpc.ServicerContext
+    ) -> Iterator[pb.SpeculateResponse]:
+        """A server-paced session: a step per batch, each verifying the newest streamed drafts that still fit.
+
+        A step is queued as the last one's verdict goes out, so its drafts are those streamed by then: one step
+        old. They fit where their leading tokens are what that last step committed; the rest are verified, up
+        to the goodput-optimal number at this load (`Session.next_drafts`)."""
+        newest: list[_StreamedRound] = []  # the newest streamed round, once one came
+        rounds: deque[int] = deque()  # the DraftRound each queued step verifies drafts of
+
+        def step() -> PendingRound | None:
+            while (item := _next_now(inbox)) is not _NOTHING:
+                if item is None:
+                    continue  # the edge's requests ended: no more drafts, the steps go on to the end
+                if (draft := self._draft_of(session, self._request_of(item))) is None:
+                    return None  # the edge closed the session
+                newest[:] = [self._streamed(session, draft)]
+            drafts, proposals, round_number = (), (), 0
+            if newest and (fitting := self._fitting(session, newest[0])) is not None:
+                drafts, proposals, round_number = *fitting, newest[0].round
+            rounds.append(round_number)
+            return self._queue(session, drafts, proposals)
+
+        for verdict, pending in self._decode_steps(session, step, context):
+            verdict.round = rounds.popleft()
+            verdict.accepted_token_ids.extend(pending.request.drafts[: verdict.num_accepted])
+            self.metrics.server_decoded_tokens.inc(not pending.request.drafts and verdict.HasField("next_token"))
+            yield pb.SpeculateResponse(verdict=verdict)
+
+    def _streamed(self, session: Session, draft: pb.DraftRound) -> _StreamedRound:
+        """A server-paced session's DraftRound, checked: it may follow an older position, never a later one."""
+        if draft.position > len(session.context):
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"draft round {draft.round} follows position {draft.position}, but session "
+                f"{session.session_id} has {len(session.context)} committed tokens",
+            )
+        return _StreamedRound(draft.round, draft.position, *self._round_tokens(draft))
+
+    @staticmethod
+    def _fitting(session: Session, streamed: _StreamedRound) -> tuple[tuple[int, ...], tuple] | None:
+        """The streamed drafts to verify now: those after what was committed since the round's position, if its
+        leading drafts are that; at most `Session.next_drafts`."""
+        committed = tuple(session.context[streamed.position :])
+        if streamed.drafts[: len(committed)] != committed:
+            return None
+        start, end = len(committed), len(committed) + session.next_drafts
+        return streamed.drafts[start:end], streamed.proposals[start:end]
+
+    def _decode_steps(
+        self, session: Session, queue_step: Callable[[], PendingRound | None], context: grpc.ServicerContext
+    ) -> Iterator[tuple[pb.Verdict, PendingRound]]:
+        """Continuous batching: the session's steps, each queued before the last one's verdict is answered, so
+        the next batch has it. ``queue_step`` queues one (None: the session ends after this verdict)."""
+        in_flight = queue_step()
+        try:
+            while in_flight is not None:
+                current, in_flight = in_flight, None
+                try:
+                    verdict = self._verdict(session, 0, current)
+                    if not verdict.finished and context.is_active():
+                        in_flight = queue_step()
+                    yield verdict, current
+                finally:
+                    current.handled.set()
+        finally:
+            self._settle(in_flight)
+
     def _next_request(self, inbox: queue.Queue) -> pb.SpeculateRequest | None:
         """The stream's next request (None: the edge closed its side), within the idle timeout."""
         timeout = self.config.session_idle_timeout
@@ -213,6 +294,11 @@ class WispService(pb_grpc.WispServicer):
                 f"no request from the edge in {timeout:g}s: the session is closed; reopen it with its committed "
                 "tokens to resume",
             ) from None
+        return self._request_of(item)
+
+    @staticmethod
+    def _request_of(item) -> pb.SpeculateRequest | None:
+        """An inbox item as the request it is; raises for the edge leaving, the server draining, bad bytes."""
         if item is _DRAIN:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, DRAINING)
         if item is _GONE or isinstance(item, BaseException):
@@ -220,6 +306,25 @@ class WispService(pb_grpc.WispServicer):
         if isinstance(item, MalformedRequest):
             raise item.refusal()
         return item
+
+    @staticmethod
+    def _draft_of(session: Session, message: pb.SpeculateRequest | None) -> pb.DraftRound | None:
+        """An open session's request as its DraftRound; None where the edge closes the session."""
+        kind = None if message is None else message.WhichOneof("kind")
+        if message is None or kind == "close":
+            return None
+        if kind is None:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a SpeculateRequest sets none of `open`, `draft` or `close`; set exactly one",
+            )
+        if kind != "draft":
+            raise RequestError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"session {session.session_id} is already open; send `draft` or `close`, or open another "
+                "session on a new stream",
+            )
+        return message.draft
 
     def _edge_left(self, inbox: queue.Queue, session: Session | None) -> None:
         """gRPC's callback when the stream ends; for an edge that left, the scheduler forgets its session at once
@@ -267,30 +372,18 @@ class WispService(pb_grpc.WispServicer):
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """The target alone: every round is an empty draft, or vLLM's n-gram proposals (--generate-speculation)."""
-        session, in_flight = None, None
+        session = None
         try:
             if isinstance(request, MalformedRequest):
                 raise request.refusal()
             session = self._start_session(request.prompt_token_ids, [], request.sampling, request.stop, request.slo)
-            in_flight = self._queue_generate_step(session)
-            while True:
-                current = in_flight
-                try:
-                    verdict = self._verdict(session, 0, current)
-                    in_flight = None
-                    if not verdict.finished and context.is_active():
-                        # Queued before this token is sent, so the next batch has it: continuous batching.
-                        in_flight = self._queue_generate_step(session)
-                    accepted = list(current.request.drafts[: verdict.num_accepted])
-                    yield pb.GenerateResponse(
-                        token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
-                        finished=verdict.finished,
-                        finish_reason=verdict.finish_reason,
-                    )
-                finally:
-                    current.handled.set()
-                if in_flight is None:
-                    return
+            for verdict, step in self._decode_steps(session, partial(self._queue_generate_step, session), context):
+                accepted = list(step.request.drafts[: verdict.num_accepted])
+                yield pb.GenerateResponse(
+                    token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
+                    finished=verdict.finished,
+                    finish_reason=verdict.finish_reason,
+                )
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             if session is not None:
@@ -301,7 +394,6 @@ class WispService(pb_grpc.WispServicer):
         except _EdgeLeft:
             return
         finally:
-            self._settle(in_flight)
             if session is not None:
                 self._close(session)
 
@@ -498,6 +590,10 @@ class WispService(pb_grpc.WispServicer):
                 f"draft round {draft.round} follows position {draft.position}, but session "
                 f"{session.session_id} has {len(session.context)} committed tokens",
             )
+        return self._queue(session, *self._round_tokens(draft), arrival)
+
+    def _round_tokens(self, draft: pb.DraftRound) -> tuple[tuple[int, ...], tuple]:
+        """A round's drafts and their proposals, checked against the server's limits and the vocabulary."""
         if len(draft.token_ids) > self.config.max_draft_tokens:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -506,11 +602,17 @@ class WispService(pb_grpc.WispServicer):
             )
         self._check_token_ids(list(draft.token_ids), "draft")
         try:
-            proposals = draft_distributions(draft, self.engine.info.vocab_size)
+            return tuple(draft.token_ids), draft_distributions(draft, self.engine.info.vocab_size)
         except ValueError as error:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _queue(
+        self, session: Session, drafts: tuple[int, ...], proposals: tuple, arrival: float | None = None
+    ) -> PendingRound:
+        """Queues the session's next step, verifying ``drafts``; `_verdict` waits for it."""
+        arrival = time.monotonic() if arrival is None else arrival
         # Drafts beyond the session's room could never be committed; don't verify them.
-        drafts = tuple(draft.token_ids)[: max(session.room - 1, 0)]
+        drafts = drafts[: max(session.room - 1, 0)]
         proposals = () if session.sampling.greedy else proposals[: len(drafts)]
         uncached = self.engine.uncached_tokens(session.session_id)
         shape = SequenceShape(len(session.context) - uncached, uncached + len(drafts))
@@ -529,12 +631,12 @@ class WispService(pb_grpc.WispServicer):
 
     def _queue_decode_step(self, session: Session) -> PendingRound:
         """Queues a target-only step (an empty draft)."""
-        return self._submit_round(session, pb.DraftRound(position=len(session.context)))
+        return self._queue(session, (), ())
 
     def _queue_generate_step(self, session: Session) -> PendingRound:
         """Queues a step of the target alone: an empty draft, or vLLM's n-gram proposals where they are on."""
         drafts = self.ngram.propose(session.context, session.room) if self.ngram else []
-        return self._submit_round(session, pb.DraftRound(position=len(session.context), token_ids=drafts))
+        return self._queue(session, tuple(drafts), ())
 
     def _verdict(self, session: Session, round_number: int, pending: PendingRound) -> pb.Verdict:
         """Waits for the round's verification, commits it to the session and builds the verdict."""
@@ -554,6 +656,7 @@ class WispService(pb_grpc.WispServicer):
         commit = session.commit(drafts, result.verification)
         verdict = pb.Verdict(
             round=round_number,
+            num_drafts=len(drafts),
             num_accepted=commit.num_accepted,
             finished=commit.finished,
             finish_reason=commit.finish_reason,
@@ -605,6 +708,17 @@ class WispService(pb_grpc.WispServicer):
             est_queue_seconds=self.scheduler.estimator.estimate(self.scheduler.waiting_shapes()),
             est_verify_seconds=batch_seconds(SequenceShape(len(session.context), 1 + session.next_drafts)),
         )
+
+
+_NOTHING = object()  # what `_next_now` returns from an empty inbox
+
+
+def _next_now(inbox: queue.Queue):
+    """The inbox's next item without waiting, else `_NOTHING`."""
+    try:
+        return inbox.get_nowait()
+    except queue.Empty:
+        return _NOTHING
 
 
 def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue) -> None:

@@ -67,7 +67,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device", "return_features", "accept_server_decoding")
+    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device", "return_features", "accept_server_decoding", "server_paced")
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class OpenSession(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_SERVER_DECODING_FIELD_NUMBER: _ClassVar[int]
+    SERVER_PACED_FIELD_NUMBER: _ClassVar[int]
     draft_model: ModelIdentity
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     committed_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -86,7 +87,8 @@ class OpenSession(_message.Message):
     device: DeviceInfo
     return_features: bool
     accept_server_decoding: bool
-    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ..., accept_server_decoding: _Optional[bool] = ...) -> None: ...
+    server_paced: bool
+    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ..., accept_server_decoding: _Optional[bool] = ..., server_paced: _Optional[bool] = ...) -> None: ...
 
 class DraftRound(_message.Message):
     __slots__ = ("round", "position", "token_ids", "draft_probabilities")
@@ -169,7 +171,7 @@ class TargetFeatures(_message.Message):
     def __init__(self, position: _Optional[int] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., float16: _Optional[bytes] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints", "features", "server_decoding")
+    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints", "features", "server_decoding", "num_drafts", "accepted_token_ids")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,8 @@ class Verdict(_message.Message):
     HINTS_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     SERVER_DECODING_FIELD_NUMBER: _ClassVar[int]
+    NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token: int
@@ -190,7 +194,9 @@ class Verdict(_message.Message):
     hints: Hints
     features: TargetFeatures
     server_decoding: bool
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., features: _Optional[_Union[TargetFeatures, _Mapping]] = ..., server_decoding: _Optional[bool] = ...) -> None: ...
+    num_drafts: int
+    accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., features: _Optional[_Union[TargetFeatures, _Mapping]] = ..., server_decoding: _Optional[bool] = ..., num_drafts: _Optional[int] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SpeculateResponse(_message.Message):
     __slots__ = ("opened", "verdict")
