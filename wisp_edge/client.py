@@ -426,9 +426,10 @@ class EdgeClient:
     def _paced(
         self, run: _Run, stats: GenerationStats, requests: queue.Queue, inbox: queue.Queue, opened: pb.SessionOpened
     ) -> pb.Verdict:
-        """Server-paced: verdicts come a step at a time, unasked. Between them the edge drafts a run as far as
-        the controller trusts (a step verifies up to the server's suggested drafts, after the tokens the step in
-        flight commits), and streams it whenever it has grown or the context has moved; returns the last
+        """Server-paced: verdicts come a step at a time, unasked. Between them the edge drafts a run of the
+        server's suggested drafts plus `PACE_LEAD` (the tokens the step in flight commits first), and streams
+        it twice: as soon as it can fit and have a draft verified, since a round must reach the server before
+        the step after the one in flight is queued, and when it is whole or a verdict comes. Returns the last
         verdict."""
         controller, timing, drafter = run.controller, run.timing, self.drafter
         position, last = opened.position, None  # last: the (position, drafts) of the newest round streamed
@@ -439,21 +440,15 @@ class EdgeClient:
             if timing.suggested_drafts is not None:
                 verified = min(verified, timing.suggested_drafts)
             depth = min(room, opened.max_draft_tokens, verified + PACE_LEAD) if verified else 0
-            while inbox.empty() and len(drafter.pending) < depth and controller.keeps_pipelining(drafter.signals):
-                if not self._draft_one(stats, timing):
+            first = min(depth, PACE_LEAD + 1)  # enough to fit and have one verified: streamed at once
+            while True:
+                count = min(len(drafter.pending), depth)
+                more = count < depth and inbox.empty()
+                if count and (count == first or not more) and (position, count) != last:
+                    last = (position, count)
+                    self._stream_round(requests, streamed, position, count)
+                if not more or not self._draft_one(stats, timing):
                     break
-            count = min(len(drafter.pending), depth)
-            if count and (position, count) != last:
-                number, last = max(streamed, default=-1) + 1, (position, count)
-                streamed[number] = (position, drafter.signals[:count])
-                streamed.pop(number - 16, None)  # a step verifies the newest round: older ones are not needed
-                round_ = pb.DraftRound(
-                    round=number,
-                    position=position,
-                    token_ids=drafter.pending[:count],
-                    draft_probabilities=draft_probabilities(drafter.proposals[:count]),
-                )
-                requests.put(pb.SpeculateRequest(draft=round_))
             waiting = time.monotonic()
             _, response = _next(inbox, waiting + self.resume.wait_limit(timing.queue + timing.verify))
             stats.idle_seconds += time.monotonic() - waiting
@@ -472,6 +467,19 @@ class EdgeClient:
             self._take(run, stats, verdict, accepted, verdict.num_drafts)
             if verdict.finished:
                 return verdict
+
+    def _stream_round(self, requests: queue.Queue, streamed: dict, position: int, count: int) -> None:
+        """Sends the first ``count`` pending drafts as a server-paced round and keeps what its verdict needs."""
+        number = max(streamed, default=-1) + 1
+        streamed[number] = (position, self.drafter.signals[:count])
+        streamed.pop(number - 16, None)  # a step verifies the newest round: older ones are not needed
+        round_ = pb.DraftRound(
+            round=number,
+            position=position,
+            token_ids=self.drafter.pending[:count],
+            draft_probabilities=draft_probabilities(self.drafter.proposals[:count]),
+        )
+        requests.put(pb.SpeculateRequest(draft=round_))
 
     @staticmethod
     def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, accepted: list[int], verified: int) -> None:
