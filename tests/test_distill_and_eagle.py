@@ -200,9 +200,11 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     assert len(data.load_samples(DistillConfig(work_dir=str(again)))) == 9  # the part-full shard was refilled
 
 
-def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target):
+@pytest.mark.parametrize("apply", ["commit", "advance"])
+def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target, apply):
     """After verdicts that accept, reject and keep pipelined drafts, the next drafts are what a drafter
-    started from scratch on the same context, features and pending drafts proposes."""
+    started from scratch on the same context, features and pending drafts proposes; whether a verdict is
+    applied by its place in the round (`commit`) or by its tokens alone (`advance`, server-paced)."""
     config, _ = distilled
     model, _ = tiny_target
     draft = load_eagle_model(config.output)
@@ -225,7 +227,11 @@ def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target)
         num = rng.randrange(0, len(pending) + 1)  # drafts the verdict accepts; the rest were pipelined or rejected
         keep = num < len(pending) and rng.random() < 0.5  # the target's next token is the next pipelined draft
         next_token = pending[num] if keep else rng.randrange(256)
-        drafter.commit(num, next_token, features_of(drafter.tokens + pending[:num])[n - 1 :])
+        features = features_of(drafter.tokens + pending[:num])[n - 1 :]
+        if apply == "commit":
+            drafter.commit(num, next_token, features)
+        else:
+            drafter.advance([*pending[:num], next_token], features)
         kept += bool(drafter.pending)
 
         fresh = EagleDrafter(draft)
