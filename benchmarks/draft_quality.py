@@ -21,7 +21,12 @@
    retrieval-augmented answers) and MT-Bench as one more category. Each pass
    starts every device with an empty history, and a history never holds an
    answer to the prompt being answered.
-5. sampled (only when asked for): tokens per round of sampled sessions at
+5. low load (only when asked for): one session at a time through the same
+   server, the edge as shipped (draft, prompt lookup, pipelining) at each
+   fixed length and with the adaptive controller, in turns prompt by prompt:
+   tokens per second of its wall time (the edge's and the server's time, all
+   of it), the measure by which the controller must match the best length.
+6. sampled (only when asked for): tokens per round of sampled sessions at
    each of --temperatures, the draft and prompt lookup at a fixed length
    (--sampled-length; 0: the speculation controller), with the drafts'
    probabilities sent (the server accepts a draft with min(1, p/q)) and
@@ -31,6 +36,7 @@
     python -m benchmarks.draft_quality --draft-model DIR --server-prompts 20
     python -m benchmarks.draft_quality --stages sources --per-category 4
     python -m benchmarks.draft_quality --stages sampled --server-prompts 16 --answer-tokens 64
+    python -m benchmarks.draft_quality --stages lowload --server-prompts 16
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ VARIANTS = {  # result key: (legend, colour)
     "tokens_per_round": ("draft + prompt lookup (the edge's default)", "tab:blue"),
     "tokens_per_round_draft_alone": ("draft alone", "tab:gray"),
 }
-STAGES = ("agreement", "rounds", "cost", "sources", "sampled")
+STAGES = ("agreement", "rounds", "cost", "sources", "lowload", "sampled")
 SOURCES = {  # stage 4's variants: (draft, prompt lookup, suffix index)
     "draft": (True, False, False),
     "lookup": (False, True, False),
@@ -163,6 +169,59 @@ def tokens_per_round(
         thread.join()
     result = {**totals, "wall_seconds": time.monotonic() - started}
     return {**result, "by_category": dict(by_category)} if categories else result
+
+
+def low_load(args, prompts: list[list[int]], make_drafter) -> dict:
+    """Stage 5: one session at a time, each speculation mode in turn on every prompt (the order rotating, as
+    this machine's speed drifts): tokens per second of wall time, and tokens per round, by mode."""
+    import grpc
+
+    from wisp_common.config import EdgeConfig
+    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_edge.client import EdgeClient
+    from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+
+    tokenizer = load_tokenizer(args.draft_model)
+    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    channel = grpc.insecure_channel(args.server)
+    shipped = EdgeConfig()  # the edge's defaults: pipelining on, at most `draft_tokens` drafts a round
+    modes = {
+        str(n): (EdgeClient(channel, make_drafter(), identity, FixedLength, shipped.pipeline), n) for n in args.lengths
+    }
+    adaptive = AdaptiveSpeculation.mode_with(AcceptancePredictor.beside(resolve_model(args.draft_model)))
+    modes["adaptive"] = (
+        EdgeClient(channel, make_drafter(), identity, adaptive, shipped.pipeline, shipped.server_decoding),
+        shipped.draft_tokens,
+    )
+    totals = {name: {"tokens": 0, "rounds": 0, "seconds": 0.0} for name in modes}
+    names = list(modes)
+    for index, prompt in enumerate(prompts):
+        for name in names[index % len(names) :] + names[: index % len(names)]:
+            client, length = modes[name]
+            started = time.monotonic()
+            stats = client.generate(prompt, max_new_tokens=args.answer_tokens, draft_tokens=length).stats
+            totals[name]["seconds"] += time.monotonic() - started
+            totals[name]["tokens"] += stats.generated
+            totals[name]["rounds"] += stats.rounds
+        print(f"  {index + 1}/{len(prompts)} prompts", file=sys.stderr)
+    for figures in totals.values():
+        figures["tokens_per_second"] = figures["tokens"] / figures["seconds"]
+        figures["tokens_per_round"] = figures["tokens"] / max(figures["rounds"], 1)
+    return totals
+
+
+def plot_low_load(table: dict) -> Path:
+    def draw(axes) -> None:
+        names = list(table)
+        colors = ["tab:blue" if name == "adaptive" else "tab:gray" for name in names]
+        axes.bar(names, [table[n]["tokens_per_second"] for n in names], color=colors)
+        best = max(table[n]["tokens_per_second"] for n in names if n != "adaptive")
+        axes.axhline(best, color="tab:red", linestyle="--", label="best fixed length")
+        axes.set(title="one session at a time", xlabel="speculation length", ylabel="tokens / s of wall time")
+        axes.legend(loc="lower right")
+
+    return save_plot("draft_quality_lowload", draw)
 
 
 def source_prompts(tokenizer, files: list[str], per_category: int) -> tuple[list[list[int]], list[str]]:
@@ -326,7 +385,7 @@ def main() -> int:
         nargs="+",
         choices=STAGES,
         default=list(STAGES[:4]),
-        help="agreement, rounds and cost run together; sampled runs only when named",
+        help="agreement, rounds and cost run together; lowload and sampled run only when named",
     )
     parser.add_argument("--source-prompts", nargs="+", default=[str(BEYOND_CHAT), str(MT_BENCH)], help="stage 4")
     parser.add_argument("--per-category", type=int, default=10, help="stage 4: prompts per category")
@@ -392,11 +451,21 @@ def main() -> int:
         if "sources" in args.stages:
             print(f"4/4 tokens per round by source and category (at most {SOURCE_LENGTH} drafts)", file=sys.stderr)
             sources = by_source(args, tokenizer, lookup)
+        if "lowload" in args.stages:
+            print("lowload: one session at a time, fixed lengths against the adaptive controller", file=sys.stderr)
+            lowload = low_load(args, prompts[: args.server_prompts], drafters["tokens_per_round"])
         if "sampled" in args.stages:
-            print(f"5/5 sampled sessions, temperatures {args.temperatures}", file=sys.stderr)
+            print(f"sampled: sampled sessions, temperatures {args.temperatures}", file=sys.stderr)
             sampled_rounds = sampled(args, prompts[: args.server_prompts], lookup)
     if sources:
         print_sources(sources)
+    if "lowload" in args.stages:
+        print_table(
+            ["speculation", "tokens/s (one session)", "tokens/round"],
+            [[n, round(v["tokens_per_second"], 2), round(v["tokens_per_round"], 2)] for n, v in lowload.items()],
+        )
+        print(f"wrote {write_json('draft_quality_lowload', {'lowload': lowload, 'args': vars(args)})}")
+        print(f"wrote {plot_low_load(lowload)}")
     if "sampled" in args.stages:
         table = sampled_rounds["tokens_per_round"]
         print_table(

@@ -158,6 +158,7 @@ def open_session(fingerprint: str, odd: str) -> st.SearchStrategy[pb.OpenSession
         device=st.builds(pb.DeviceInfo, device_id=st.text(max_size=8), kind=st.text(max_size=8)),
         return_features=st.booleans(),
         accept_server_decoding=st.booleans(),
+        server_paced=st.booleans(),
     )
 
 
@@ -277,6 +278,7 @@ def parameterized_sessions(draw: st.DrawFn, fingerprint: str) -> list[pb.Specula
         slo=pb.Slo(ttft_seconds=draw(ANY_FLOAT), tpot_seconds=draw(ANY_FLOAT)),
         accept_server_decoding=draw(st.booleans()),
         return_features=draw(st.booleans()),
+        server_paced=draw(st.booleans()),
     )
     open_msg.stop.CopyFrom(
         pb.StopCondition(

@@ -37,11 +37,15 @@ def uninterrupted(tiny_pair) -> list[int]:
 
 
 @pytest.mark.slow  # a server process or two, started and killed: about a minute here
-def test_a_server_killed_and_restarted_on_its_port_loses_nothing(tiny_pair, smollm2_tokenizer, uninterrupted):
+@pytest.mark.parametrize("server_paced", [False, True], ids=["edge-paced", "server-paced"])
+def test_a_server_killed_and_restarted_on_its_port_loses_nothing(
+    tiny_pair, smollm2_tokenizer, uninterrupted, server_paced
+):
     port = free_port()
     client = edge_client(f"127.0.0.1:{port}", tiny_pair[1], smollm2_tokenizer)
+    client.server_paced = server_paced  # the server then decodes ahead of the edge: break it sooner
     with tiny_server(tiny_pair[0], port) as first:
-        run = Paced(client, after=40, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        run = Paced(client, after=10 if server_paced else 40, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         run.wait_reached()
         first.process.kill()  # kill -9, most likely mid-round
         first.process.wait()

@@ -238,20 +238,17 @@ class WispService(pb_grpc.WispServicer):
             rounds.append(round_number)
             return self._queue(session, drafts, proposals)
 
-        for verdict, pending in self._decode_steps(session, step, context):
-            verdict.round = rounds.popleft()
-            verdict.accepted_token_ids.extend(pending.request.drafts[: verdict.num_accepted])
-            self.metrics.server_decoded_tokens.inc(not pending.request.drafts and verdict.HasField("next_token"))
-            yield pb.SpeculateResponse(verdict=verdict)
+        with contextlib.closing(self._decode_steps(session, step, context)) as steps:
+            for verdict, pending in steps:
+                verdict.round = rounds.popleft()
+                verdict.accepted_token_ids.extend(pending.request.drafts[: verdict.num_accepted])
+                self.metrics.server_decoded_tokens.inc(not pending.request.drafts and verdict.HasField("next_token"))
+                yield pb.SpeculateResponse(verdict=verdict)
 
     def _streamed(self, session: Session, draft: pb.DraftRound) -> _StreamedRound:
         """A server-paced session's DraftRound, checked: it may follow an older position, never a later one."""
         if draft.position > len(session.context):
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"draft round {draft.round} follows position {draft.position}, but session "
-                f"{session.session_id} has {len(session.context)} committed tokens",
-            )
+            raise _misplaced(session, draft)
         return _StreamedRound(draft.round, draft.position, *self._round_tokens(draft))
 
     @staticmethod
@@ -377,13 +374,15 @@ class WispService(pb_grpc.WispServicer):
             if isinstance(request, MalformedRequest):
                 raise request.refusal()
             session = self._start_session(request.prompt_token_ids, [], request.sampling, request.stop, request.slo)
-            for verdict, step in self._decode_steps(session, partial(self._queue_generate_step, session), context):
-                accepted = list(step.request.drafts[: verdict.num_accepted])
-                yield pb.GenerateResponse(
-                    token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
-                    finished=verdict.finished,
-                    finish_reason=verdict.finish_reason,
-                )
+            steps = self._decode_steps(session, partial(self._queue_generate_step, session), context)
+            with contextlib.closing(steps):  # a step still queued is settled before the session closes
+                for verdict, step in steps:
+                    accepted = list(step.request.drafts[: verdict.num_accepted])
+                    yield pb.GenerateResponse(
+                        token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
+                        finished=verdict.finished,
+                        finish_reason=verdict.finish_reason,
+                    )
         except RequestError as error:
             self.metrics.refused.labels(error.code.name).inc()
             if session is not None:
@@ -585,11 +584,7 @@ class WispService(pb_grpc.WispServicer):
         """Validates a round and queues it for verification; `_verdict` waits for it."""
         arrival = time.monotonic()  # the round's wait for the engine starts here, GIL included
         if draft.position != len(session.context):
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"draft round {draft.round} follows position {draft.position}, but session "
-                f"{session.session_id} has {len(session.context)} committed tokens",
-            )
+            raise _misplaced(session, draft)
         return self._queue(session, *self._round_tokens(draft), arrival)
 
     def _round_tokens(self, draft: pb.DraftRound) -> tuple[tuple[int, ...], tuple]:
@@ -708,6 +703,14 @@ class WispService(pb_grpc.WispServicer):
             est_queue_seconds=self.scheduler.estimator.estimate(self.scheduler.waiting_shapes()),
             est_verify_seconds=batch_seconds(SequenceShape(len(session.context), 1 + session.next_drafts)),
         )
+
+
+def _misplaced(session: Session, draft: pb.DraftRound) -> RequestError:
+    return RequestError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        f"draft round {draft.round} follows position {draft.position}, but session {session.session_id} has "
+        f"{len(session.context)} committed tokens",
+    )
 
 
 _NOTHING = object()  # what `_next_now` returns from an empty inbox
