@@ -187,13 +187,19 @@ def low_load(args, prompts: list[list[int]], make_drafter) -> dict:
     channel = grpc.insecure_channel(args.server)
     shipped = EdgeConfig()  # the edge's defaults: pipelining on, at most `draft_tokens` drafts a round
     modes = {
-        str(n): (EdgeClient(channel, make_drafter(), identity, FixedLength, shipped.pipeline), n) for n in args.lengths
+        str(n): (EdgeClient(channel, make_drafter(), identity, speculation=FixedLength, pipeline=shipped.pipeline), n)
+        for n in args.lengths
     }
     adaptive = AdaptiveSpeculation.mode_with(AcceptancePredictor.beside(resolve_model(args.draft_model)))
-    modes["adaptive"] = (
-        EdgeClient(channel, make_drafter(), identity, adaptive, shipped.pipeline, shipped.server_decoding),
-        shipped.draft_tokens,
+    client = EdgeClient(
+        channel,
+        make_drafter(),
+        identity,
+        speculation=adaptive,
+        pipeline=shipped.pipeline,
+        server_decoding=shipped.server_decoding,
     )
+    modes["adaptive"] = (client, shipped.draft_tokens)
     totals = {name: {"tokens": 0, "rounds": 0, "seconds": 0.0} for name in modes}
     names = list(modes)
     for index, prompt in enumerate(prompts):

@@ -338,3 +338,16 @@ def test_slo_spec_per_class_with_a_default():
 def test_bad_slo_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
         SloSpec.parse(spec, known=NAMES)
+
+
+def test_the_server_admits_every_session_unless_told_to_admit_fewer():
+    """By default a sweep's server has room for every device's session; --server-max-sessions overloads it."""
+    from wisp_bench.cli import CONFIGURATIONS, main_parser, server_args
+
+    def admitted(*options: str) -> int:
+        args = main_parser().parse_args(["run", "--regime", "modeled", "--sizes", "8", "32", *options])
+        command = server_args(args, CONFIGURATIONS["wisp-paced"], 32, Path("answers.jsonl"))
+        return int(command[command.index("--max-sessions") + 1])
+
+    assert admitted() >= 32
+    assert admitted("--server-max-sessions", "16") == 16

@@ -61,7 +61,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prompts, think times and network jitter")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main_parser() -> argparse.ArgumentParser:
+    """wisp-bench's command line: run, record, validate and compare."""
     parser = argparse.ArgumentParser(
         prog="wisp-bench",
         description=__doc__.split("\n\n")[0],
@@ -96,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--requests", type=int, default=24, help="open loop: arrivals per rate")
     run.add_argument(
+        "--server-max-sessions",
+        type=int,
+        default=None,
+        help="the server's admission limit (default: room for every session); below the load, sessions past it are "
+        "refused and retried, as under sustained overload",
+    )
+    run.add_argument(
         "--burstiness",
         type=float,
         default=1.0,
@@ -127,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("a", type=Path)
     compare.add_argument("b", type=Path)
     parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = main_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "compare":
@@ -188,7 +200,8 @@ def vllm_default_batch(args: argparse.Namespace) -> tuple[int, int]:
 def server_args(args: argparse.Namespace, configuration: Configuration, load: float, answers: Path) -> list[str]:
     common = ["--target-model", args.target_model, "--dtype", args.dtype, "--policy", configuration.policy]
     most = args.requests if args.rates else max(args.sizes)  # sessions that may be open at once
-    common += ["--max-sessions", str(most + 4), "--max-draft-tokens", str(2 * args.draft_tokens)]
+    admitted = args.server_max_sessions or most + 4
+    common += ["--max-sessions", str(admitted), "--max-draft-tokens", str(2 * args.draft_tokens)]
     if configuration.server_speculation:
         common += ["--generate-speculation", configuration.server_speculation]
     if configuration.policy == "sled":  # a SLED user sizes the full batch to the fleet (open loop: unknown)
@@ -284,8 +297,8 @@ def server_table(server: dict[str, dict]) -> str:
     """What the server saw at each point: its batches, its estimator's error and its own time per round."""
     rows = [
         "| config/devices | batches | mean batch | mean verify ms | mean queue ms | estimator MAPE % "
-        "| server overhead ms |",
-        "|---|---|---|---|---|---|---|",
+        "| server overhead ms | refused |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for point, f in server.items():
         cells = [
@@ -295,6 +308,7 @@ def server_table(server: dict[str, dict]) -> str:
             f["mean_queue_ms"],
             f["estimator_mape_percent"],
             f.get("mean_round_overhead_ms"),
+            f.get("refused"),
         ]
         rows.append(f"| {point} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     return "\n".join(rows)

@@ -38,4 +38,5 @@ def during(before: dict[str, float], after: dict[str, float]) -> dict[str, float
         "server_draft_tokens": delta("wisp_draft_tokens_total"),
         "server_accepted_tokens": delta("wisp_accepted_tokens_total"),
         "server_decoded_tokens": delta("wisp_server_decoded_tokens_total"),
+        "refused": delta("wisp_refused_requests_total"),  # opens and calls refused (full, rate-limited, bad)
     }
