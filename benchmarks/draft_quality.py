@@ -177,13 +177,12 @@ def low_load(args, prompts: list[list[int]], make_drafter) -> dict:
     import grpc
 
     from wisp_common.config import EdgeConfig
-    from wisp_common.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.identity import draft_identity
+    from wisp_common.models import load_tokenizer, resolve_model
     from wisp_edge.client import EdgeClient
     from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
 
-    tokenizer = load_tokenizer(args.draft_model)
-    identity = pb.ModelIdentity(name=args.draft_model, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer))
+    identity = draft_identity(args.draft_model, load_tokenizer(args.draft_model))  # as the edge sends it
     channel = grpc.insecure_channel(args.server)
     shipped = EdgeConfig()  # the edge's defaults: pipelining on, at most `draft_tokens` drafts a round
     modes = {

@@ -419,7 +419,8 @@ class EdgeClient:
                 self.round_log.append((signals, count, verdict.num_accepted))
             position = verdict.position
             stats.rounds += not decoded_by_server  # verification rounds: the server's own steps are not
-            self._take(run, stats, verdict, drafts[: verdict.num_accepted], count)
+            committed = drafts[: verdict.num_accepted] + ([] if next_token is None else [next_token])
+            self._take(run, stats, verdict, committed, count)
             if verdict.finished:
                 return verdict
 
@@ -464,7 +465,7 @@ class EdgeClient:
             position = verdict.position
             stats.rounds += 1  # every step verifies the session, with drafts or without
             stats.server_decoded += verdict.num_drafts == 0 and verdict.HasField("next_token")
-            self._take(run, stats, verdict, accepted, verdict.num_drafts)
+            self._take(run, stats, verdict, committed, verdict.num_drafts)
             if verdict.finished:
                 return verdict
 
@@ -482,12 +483,11 @@ class EdgeClient:
         requests.put(pb.SpeculateRequest(draft=round_))
 
     @staticmethod
-    def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, accepted: list[int], verified: int) -> None:
-        """What every verdict brings: its tokens (``accepted`` drafts of ``verified``, then its own token) to the
-        caller, the server's hints to the next rounds' timing, its figures to the stats."""
+    def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, committed: list[int], verified: int) -> None:
+        """What every verdict brings: its ``committed`` tokens (the drafts it accepted of ``verified``, then its
+        own token) to the caller, the server's hints to the next rounds' timing, its figures to the stats."""
         run.timing.queue, run.timing.verify = verdict.hints.est_queue_seconds, verdict.hints.est_verify_seconds
         run.timing.suggested_drafts = verdict.hints.suggested_draft_tokens
-        committed = accepted + ([verdict.next_token] if verdict.HasField("next_token") else [])
         if not run.generated:
             stats.ttft_seconds = time.monotonic() - run.started
         run.generated += committed

@@ -222,19 +222,20 @@ class WispService(pb_grpc.WispServicer):
         A step is queued as the last one's verdict goes out, so its drafts are those streamed by then: one step
         old. They fit where their leading tokens are what that last step committed; the rest are verified, up
         to the goodput-optimal number at this load (`Session.next_drafts`)."""
-        newest: list[_StreamedRound] = []  # the newest streamed round, once one came
+        newest: _StreamedRound | None = None  # the newest streamed round, once one came
         rounds: deque[int] = deque()  # the DraftRound each queued step verifies drafts of
 
         def step() -> PendingRound | None:
+            nonlocal newest
             while (item := _next_now(inbox)) is not _NOTHING:
                 if item is None:
                     continue  # the edge's requests ended: no more drafts, the steps go on to the end
                 if (draft := self._draft_of(session, self._request_of(item))) is None:
                     return None  # the edge closed the session
-                newest[:] = [self._streamed(session, draft)]
+                newest = self._streamed(session, draft)
             drafts, proposals, round_number = (), (), 0
-            if newest and (fitting := self._fitting(session, newest[0])) is not None:
-                drafts, proposals, round_number = *fitting, newest[0].round
+            if newest is not None and (fitting := self._fitting(session, newest)) is not None:
+                drafts, proposals, round_number = *fitting, newest.round
             rounds.append(round_number)
             return self._queue(session, drafts, proposals)
 
