@@ -28,9 +28,15 @@ class FailingEngine(VerificationEngine):
         self.failed: list[str] = []  # the failed batch's session ids
 
     def add_session(
-        self, session_id: str, context: Sequence[int], sampling: SamplingParams, max_tokens: int, features=False
+        self,
+        session_id: str,
+        context: Sequence[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        features=False,
+        known_features=0,
     ) -> None:
-        self.engine.add_session(session_id, context, sampling, max_tokens, features)
+        self.engine.add_session(session_id, context, sampling, max_tokens, features, known_features)
 
     def remove_session(self, session_id: str) -> None:
         self.engine.remove_session(session_id)

@@ -12,7 +12,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-EXPECTED = {"round_cost", "draft_quality", "policies", "estimator", "aiperf_edge", "soak", "gpu_calibration"}
+EXPECTED = {
+    "round_cost",
+    "draft_quality",
+    "policies",
+    "estimator",
+    "aiperf_edge",
+    "soak",
+    "gpu_calibration",
+    "follow_up",
+}
 
 
 def entry_points() -> list[str]:

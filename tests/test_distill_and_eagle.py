@@ -244,6 +244,44 @@ def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target,
     assert kept > 0  # pipelined drafts were kept at least once
 
 
+def test_eagle_drafter_keeps_the_features_of_a_conversation_s_earlier_turn(distilled, tiny_target):
+    """A next turn's context begins with the last turn's: the drafter keeps the features of those positions and
+    says so (`known_features`); given the features the server sends only after the positions its prefix cache
+    reused, it drafts exactly what a drafter given every position's features drafts."""
+    config, _ = distilled
+    model, _ = tiny_target
+    draft = load_eagle_model(config.output)
+    sample = split(config)[0][0]
+    prompt = sample.tokens[: sample.prompt_len].tolist()
+
+    def features_of(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+
+    drafter = EagleDrafter(draft)
+    drafter.start(prompt)
+    assert drafter.known_features == 0
+    drafter.commit(0, 7, features_of(prompt))
+    for token in (9, 3, 12, 30):  # the earlier turn's answer, a verdict at a time
+        n = len(drafter.tokens)
+        drafter.draft(2)
+        drafter.commit(0, token, features_of(drafter.tokens)[n - 1 :])
+    follow_up = drafter.tokens + [5, 6, 8]
+    drafter.start(follow_up)
+    assert drafter.known_features == len(follow_up) - 3 - 1  # the earlier turn's last token was never computed
+    assert drafter.draft(2) == []  # not through the new positions on its own guesses: their features are coming
+    reused = drafter.known_features - 5
+    drafter.commit(0, 4, features_of(follow_up)[reused:])
+    fresh = EagleDrafter(draft)
+    fresh.start(follow_up)
+    fresh.commit(0, 4, features_of(follow_up))
+    assert drafter.draft(3) == fresh.draft(3)
+    for got, want in zip(drafter.signals, fresh.signals):
+        assert got.top1 == pytest.approx(want.top1, abs=1e-5)
+    drafter.start(prompt[:4] + [1])  # another conversation: only what it shares is kept
+    assert drafter.known_features == 4
+
+
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tokenizer, engine):
     config, _ = distilled

@@ -140,6 +140,51 @@ def test_suffix_decoding_is_lossless_and_drafts_a_repeated_answer_from_the_histo
     assert records[3]["rounds"] < records[0]["rounds"]
 
 
+def test_a_conversation_s_next_turn_reuses_its_history_and_stays_the_target_s(server, tmp_path, references, request):
+    """Through `wisp-edge serve` (two pooled clients) and the official openai client: a conversation's second turn,
+    after another conversation's first, is the target's own answer, and on the vllm engine the server computes
+    its history again only where the edge did not keep the history's target features (vLLM's prefix cache)."""
+    from urllib.request import urlopen
+
+    import openai
+    from helpers import edge_daemon
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from wisp_common.models import load_tokenizer
+    from wisp_edge.chat import conversation_ids
+
+    def prefix_cache_hits() -> float:
+        text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        return next(s.value for s in samples if s.name == "wisp_prefix_cache_hits_total")
+
+    target, _ = references
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    first = [{"role": "user", "content": PROMPTS[5]}]
+    with edge_daemon(
+        server.address, "smollm2-135m-wisp-draft", tmp_path / "serve.log", "--max-concurrent-requests", "2"
+    ) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
+
+        def chat(messages: list[dict]) -> str:
+            answer = api.chat.completions.create(model="any", messages=messages, max_tokens=32, temperature=0)
+            text = answer.choices[0].message.content
+            ids = conversation_ids(tokenizer, messages)
+            expected = tokenizer.decode(reference_greedy(target, ids, 32), skip_special_tokens=True)
+            assert text == expected, (messages, text, expected)  # the greedy tie rule: none occurs on these
+            return text
+
+        reply = chat(first)
+        chat([{"role": "user", "content": PROMPTS[8]}])  # another conversation on the other client
+        before = prefix_cache_hits()
+        chat([*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Give an example."}])
+        reused = prefix_cache_hits() - before
+    if request.node.callspec.params["server"] == "vllm":
+        assert reused >= 64  # whole 32-token blocks of the first turn (about 100 tokens)
+    else:
+        assert reused == 0  # the hf engine keeps no prefix cache
+
+
 # Last for each engine: it stops the module's server.
 def test_cli_streams_a_real_answer_and_the_server_stops_cleanly(server):
     result = subprocess.run(

@@ -30,6 +30,9 @@ from wisp_common.models import tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_edge.chat import conversation_ids, run_chat
+from wisp_edge.client import EdgeClient
+from wisp_edge.drafter import CopyDrafter
+from wisp_edge.openai_api import ClientPool
 
 API_KEY = "sk-test-edge"
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
@@ -344,6 +347,23 @@ def test_real_models_serve_and_chat(tmp_path):
         )
         assert chat.returncode == 0, chat.stderr
         assert text in chat.stdout  # the same answer, from the terminal chat
+
+
+def test_a_conversation_s_next_turn_goes_to_the_client_that_holds_its_history(smollm2_tokenizer):
+    """Its drafter state (the target features of the earlier turns) is reused; another conversation, which shares
+    only the system prompt, takes the least recently used client and leaves that history alone."""
+    clients = [EdgeClient(grpc.insecure_channel("127.0.0.1:1"), CopyDrafter(), pb.ModelIdentity()) for _ in range(3)]
+    pool = ClientPool(clients)
+    first = [user("Tell me about the sea.")]
+    turn = conversation_ids(smollm2_tokenizer, first)
+    holder = pool.take(turn)
+    holder.drafter.start(turn + smollm2_tokenizer.encode("The sea is wide.<|im_end|>"))
+    pool.give_back(holder)
+    other = pool.take(conversation_ids(smollm2_tokenizer, [user("Name a colour.")]))
+    assert holder is clients[0] and other is clients[1]  # the least recently used, not the history's holder
+    follow_up = [*first, {"role": "assistant", "content": "The sea is wide."}, user("And deep?")]
+    assert pool.take(conversation_ids(smollm2_tokenizer, follow_up)) is holder
+    assert pool.take([1, 2, 3]) is clients[2] and pool.take([4]) is None and pool.busy == 3
 
 
 def test_incremental_text_never_releases_part_of_a_stop_string(smollm2_tokenizer):

@@ -288,3 +288,47 @@ def test_drafts_sent_with_their_probabilities_keep_the_target_distribution(
         assert accepted / sessions > point_mass + 0.1
     else:  # vllm checks a first round's first draft against its prefill's own sample, without q: position 1 tells
         assert min(pvalues) < 1e-6, pvalues
+
+
+@torch.inference_mode()
+def test_vllm_reuses_cached_prefixes_only_as_far_as_the_edge_kept_features(target):
+    """A conversation's next turn: vLLM's prefix cache serves the KV of the earlier turn. A session whose draft
+    reads the target's features reuses at most the positions whose features its edge kept, and its first verdict
+    brings the features of every position after the reused ones, exactly; a session without features reuses all.
+    """
+    model, path = target
+    engine = make_engine("vllm", model, path)
+    block = engine.block_size
+    prompt = torch.randint(0, VOCAB, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = reference_greedy(model, prompt, 40)
+
+    def first_round(sid: str, context: list[int], **options) -> tuple:
+        engine.add_session(sid, context, SamplingParams(), 256, **options)
+        (verdict,) = engine.verify([RoundRequest(sid, ())])
+        return verdict
+
+    earlier = first_round("turn-1", prompt, features=True)
+    assert earlier.reused_tokens == 0 and earlier.features.shape[0] == len(prompt)
+    context = prompt + [earlier.next_token]
+    while len(context) < len(prompt) + 30:  # the turn's answer, verified in rounds of right drafts
+        done = len(context) - len(prompt)
+        drafts = tuple(reference[done : done + 4])
+        (verdict,) = engine.verify([RoundRequest("turn-1", drafts)])
+        context += list(drafts[: verdict.num_accepted]) + [verdict.next_token]
+    assert context[len(prompt) :] == reference[: len(context) - len(prompt)]
+    engine.remove_session("turn-1")  # its KV blocks stay in the prefix cache
+
+    follow_up = context + [7, 8, 9, 10]  # the next turn's prompt begins with the whole earlier turn
+    cached = len(prompt) // block * block  # at least the earlier prompt's whole blocks are in the cache
+    expected = model.model(input_ids=torch.tensor([follow_up])).last_hidden_state[0]
+    for sid, options, reused in [
+        ("kept-40", {"features": True, "known_features": 40}, range(40 // block * block, 40 // block * block + 1)),
+        ("kept-none", {"features": True}, range(0, 1)),
+        ("no-features", {}, range(cached, len(follow_up))),
+    ]:
+        verdict = first_round(sid, follow_up, **options)
+        assert verdict.reused_tokens in reused, sid
+        assert verdict.next_token == int(model(input_ids=torch.tensor([follow_up])).logits[0, -1].argmax())
+        if options:
+            torch.testing.assert_close(verdict.features, expected[verdict.reused_tokens :], atol=1e-4, rtol=1e-4)
+        engine.remove_session(sid)

@@ -100,6 +100,11 @@ def test_without_gpu_settings_the_kv_cache_is_the_configured_size():
     EngineArgs(**args)  # every keyword is one vLLM knows
 
 
+def test_prefix_caching_is_on_unless_turned_off():
+    assert _engine_args()["enable_prefix_caching"] is True
+    assert _engine_args(prefix_caching=False)["enable_prefix_caching"] is False
+
+
 @pytest.mark.parametrize(
     ("extra", "words"),
     [('["not", "a", "dict"]', "must be a JSON object"), ('{"max_model_len": 99}', "may not set ['max_model_len']")],

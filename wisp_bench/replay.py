@@ -129,7 +129,7 @@ class ReplayDrafter(Drafter):
         self.signals.append(signals)
         return token
 
-    def _reset(self) -> None:
+    def _restart(self, kept: int) -> None:
         self._busy_until = 0.0
 
     def _next_logits(self):  # never called: `draft_one` replays instead of computing

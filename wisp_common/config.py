@@ -87,6 +87,11 @@ class ServerConfig:
     gpu_memory_utilization: float = _opt(
         0.0, "vllm engine: fraction of GPU memory vLLM may use; sizes the KV cache instead of --kv-cache-gib (0: off)"
     )
+    prefix_caching: bool = _opt(
+        True,
+        "vllm engine: reuse the KV cache of prompt prefixes computed before (a conversation's earlier turns); a "
+        "feature-conditioned draft's session reuses only the positions whose features its edge kept",
+    )
     tensor_parallel_size: int = _opt(1, "vllm engine: GPUs the target's layers are split across (tensor parallel)")
     pipeline_parallel_size: int = _opt(1, "vllm engine: stages the target's layers are split into (several nodes: Ray)")
     vllm_engine_args: str = _opt(

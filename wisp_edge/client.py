@@ -297,6 +297,7 @@ class EdgeClient:
         committed so far, so no token is lost or repeated, and the output is the target's as if nothing broke.
         """
         stats = GenerationStats() if stats is None else stats
+        self.drafter.start(prompt_ids)
         run = _Run(
             open=pb.OpenSession(
                 draft_model=self.draft_identity,
@@ -308,6 +309,7 @@ class EdgeClient:
                 slo=slo.to_proto(),
                 device=self.device,
                 return_features=self.drafter.wants_features,
+                known_features=self.drafter.known_features,
                 accept_server_decoding=self.server_decoding,
                 server_paced=self.server_paced,
             ),
@@ -317,7 +319,6 @@ class EdgeClient:
             timing=RoundTiming(),
             started=time.monotonic(),
         )
-        self.drafter.start(prompt_ids)
         failures, loading_since = 0, None
         while True:
             committed = len(run.generated)

@@ -85,11 +85,18 @@ class Drafter(ABC):
         self.proposals: list[DraftDistribution | None] = []  # one per pending draft: its q, None for a point mass
 
     def start(self, context: Sequence[int]) -> None:
-        """Begins a session whose committed context is ``context``."""
+        """Begins a session whose committed context is ``context``. Model state of the leading tokens it shares
+        with the last session's context is kept: a conversation's next turn does not recompute its history."""
         if self.suffix is not None:
             self.suffix.start(context, previous=self.tokens)
+        kept = shared_prefix(self.tokens, context)
         self.tokens, self.pending, self.signals, self.proposals = list(context), [], [], []
-        self._reset()
+        self._restart(kept)
+
+    @property
+    def known_features(self) -> int:
+        """Leading context positions whose target features the drafter holds (what the server need not send)."""
+        return 0
 
     def draft_one(self) -> int | None:
         """Proposes the token after the pending drafts, or None when the drafter cannot yet."""
@@ -164,8 +171,9 @@ class Drafter(ABC):
         return int(token_ids[choice]), DraftDistribution(tuple(token_ids.tolist()), tuple(q.tolist()))
 
     @abstractmethod
-    def _reset(self) -> None:
-        """Forgets all model state: a new session starts."""
+    def _restart(self, kept: int) -> None:
+        """A new session starts whose first ``kept`` committed tokens are the last one's: forgets the model
+        state of the others."""
 
     @abstractmethod
     def _next_logits(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -191,9 +199,6 @@ class ModelDrafter(Drafter):
         super().__init__(sampling, device, lookup, suffix, draft_probabilities)
         self.model = model
         self.device = device
-        self._reset()
-
-    def _reset(self) -> None:
         self._cache = DynamicCache()
         self._cached: list[int] = []  # the tokens whose KV is in the cache
 
@@ -209,15 +214,21 @@ class ModelDrafter(Drafter):
         self._cached = sequence
         return logits, None
 
+    def _restart(self, kept: int) -> None:
+        self._sync(None)  # keeps the KV of the longest cached prefix of the new context
+
     def _sync(self, features: torch.Tensor | None) -> None:
-        sequence = self.tokens + self.pending
-        common = next((i for i, (a, b) in enumerate(zip(self._cached, sequence)) if a != b), None)
-        self._crop(min(len(self._cached), len(sequence)) if common is None else common)
+        self._crop(shared_prefix(self._cached, self.tokens + self.pending))
 
     def _crop(self, length: int) -> None:
         if length < len(self._cached):
             crop_cache(self._cache, length)
             self._cached = self._cached[:length]
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
@@ -242,7 +253,7 @@ class CopyDrafter(Drafter):
         self.proposals.append(None)
         return token
 
-    def _reset(self) -> None:
+    def _restart(self, kept: int) -> None:
         """No model state."""
 
     def _next_logits(self) -> None:

@@ -16,7 +16,9 @@ class EagleDrafter(Drafter):
     """Drafts from the target's features: none before the first verdict brings them.
 
     Cache entry i holds the pair (feature at i, token at i+1). Entries built
-    from the target's real features stay valid for the whole session; those
+    from the target's real features stay valid for the whole session, and
+    for the next one as far as its context begins the same (a conversation's
+    next turn: the server then need not send them again); those
     built from the draft's own predictions are dropped at each verdict and
     rebuilt lazily from the real features that came with it.
     """
@@ -34,14 +36,22 @@ class EagleDrafter(Drafter):
         self.device = model.head.device
         super().__init__(sampling, self.device, lookup, suffix, draft_probabilities)
         self.model = model
-        self._reset()
-
-    def _reset(self) -> None:
         self._features = torch.empty(0, self.model.head.shape[1], device=self.device)  # real, positions 0..n-1
         self._cache = DynamicCache()
         self._real_entries = 0  # leading cache entries built from real features
         self._entries = 0
         self._last: torch.Tensor | None = None  # (predicted feature, logits) of the newest entry
+
+    def _restart(self, kept: int) -> None:
+        # The feature at position i depends on tokens 0..i; entry i also on token i+1.
+        self._features = self._features[:kept]
+        self._real_entries = self._entries = max(0, min(self._real_entries, kept - 1))
+        crop_cache(self._cache, self._entries)
+        self._last = None
+
+    @property
+    def known_features(self) -> int:
+        return len(self._features)
 
     def _sync(self, features: torch.Tensor | None) -> None:
         if features is not None and len(features):
@@ -57,8 +67,10 @@ class EagleDrafter(Drafter):
     def _next_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         sequence = self.tokens + self.pending
         real = min(len(self._features), len(sequence) - 1)
-        if real == 0:
-            return None  # nothing to condition on before the first verdict
+        if real == 0 or real < len(self.tokens) - 1:
+            # Nothing to condition on before the first verdict, or committed positions without features yet (a
+            # next turn's new tokens): the verdict brings them, faster than drafting through them one by one.
+            return None
         if self._last is None or self._real_entries < real:  # entries from the real features, in one pass
             start = min(self._real_entries, real - 1)
             crop_cache(self._cache, start)

@@ -8,9 +8,12 @@ server, so its text is exactly the target's.
 Concurrency: an `EdgeClient` holds a drafter with per-generation state, so the
 daemon keeps a fixed pool of ``max_concurrent_requests`` clients, each with its
 own drafter over the one loaded copy of the draft weights. A request takes a
-free client for its whole generation, which runs in a thread of its own; when
-none is free the request is refused with 429 and ``Retry-After`` at once,
-rather than queued behind others on a device that has no spare compute.
+free client for its whole generation: the one whose last context its prompt
+continues (a conversation's next turn, whose drafter state is reused), else
+the least recently used one, so other conversations keep theirs. The
+generation runs in a thread of its own. When none is free the request is
+refused with 429 and ``Retry-After`` at once, rather than queued behind
+others on a device that has no spare compute.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from wisp_common.request import RETRY_AFTER_KEY, SamplingParams, Slo
 from wisp_edge.chat import conversation_ids
 from wisp_edge.client import Cancellation, EdgeClient, GenerationResult, GenerationStats
 from wisp_edge.detokenize import IncrementalText
+from wisp_edge.drafter import shared_prefix
 from wisp_edge.metrics import EdgeMetrics, RequestRecord, SpecDecodeStats
 
 RETRY_AFTER_SECONDS = 1  # when the edge is full; a full server's own hint is passed on, rounded up to seconds
@@ -149,12 +153,22 @@ class ClientPool:
 
     def __init__(self, clients: Sequence[EdgeClient]):
         self.size = len(clients)
-        self._free = list(clients)
+        self._free = list(clients)  # least recently used first
+        self._prompt_lengths = {id(client): 0 for client in clients}  # of each client's last request
         self._lock = threading.Lock()
 
-    def take(self) -> EdgeClient | None:
+    def take(self, prompt_ids: Sequence[int]) -> EdgeClient | None:
+        """A free client: the one whose last request ``prompt_ids`` continues (its prompt and some of its answer:
+        the conversation's next turn), else the least recently used."""
         with self._lock:
-            return self._free.pop() if self._free else None
+            if not self._free:
+                return None
+            best = max(self._free, key=lambda client: shared_prefix(client.drafter.tokens, prompt_ids))
+            if shared_prefix(best.drafter.tokens, prompt_ids) <= self._prompt_lengths[id(best)]:
+                best = self._free[0]  # another conversation, if one with the same system prompt
+            self._free.remove(best)
+            self._prompt_lengths[id(best)] = len(prompt_ids)
+            return best
 
     def give_back(self, client: EdgeClient) -> None:
         with self._lock:
@@ -292,7 +306,7 @@ class EdgeApp:
 
     async def start(self, job: Job) -> Generation:
         """Takes a free client and opens the session; 429 when the edge or the server is full."""
-        client = self.pool.take()
+        client = self.pool.take(job.prompt_ids)
         if client is None:
             self.metrics.rejected.labels("edge_full").inc()
             raise ApiError(

@@ -107,6 +107,18 @@ class ServerMetrics:
         self.engine_errors = Counter(
             "wisp_engine_errors_total", "Verification batches the engine failed (their rounds got INTERNAL)", registry=r
         )
+        self.prefix_cache_queries = Counter(
+            "wisp_prefix_cache_queries",
+            "Context tokens of sessions' first rounds looked up in the engine's prefix cache (vLLM: "
+            "prefix_cache_queries)",
+            registry=r,
+        )
+        self.prefix_cache_hits = Counter(
+            "wisp_prefix_cache_hits",
+            "Of those, tokens found there and not computed again: a conversation's earlier turns (vLLM: "
+            "prefix_cache_hits)",
+            registry=r,
+        )
         self.build = Info("wisp_build", "The server's release, target and policy", registry=r)
         self.build.info({"version": __version__, "model_name": model_name, "policy": policy})
         # Per session, labelled.

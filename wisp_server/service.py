@@ -447,6 +447,7 @@ class WispService(pb_grpc.WispServicer):
             open_msg.stop,
             open_msg.slo,
             features=open_msg.return_features,
+            known_features=open_msg.known_features,
         )
         session.accept_server_decoding = open_msg.accept_server_decoding
         session.device_kind = open_msg.device.kind
@@ -464,6 +465,7 @@ class WispService(pb_grpc.WispServicer):
         stop: pb.StopCondition,
         slo: pb.Slo,
         features: bool = False,
+        known_features: int = 0,
     ) -> Session:
         if not prompt:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; send at least one token")
@@ -472,6 +474,12 @@ class WispService(pb_grpc.WispServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"context of {len(prompt) + len(committed)} tokens leaves no room under the server's "
                 f"max_context_tokens={self.config.max_context_tokens}; shorten the prompt",
+            )
+        if known_features > len(prompt) + len(committed):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"known_features={known_features} is more than the context's {len(prompt) + len(committed)} "
+                "positions; send how many leading positions' features the edge holds",
             )
         prompt, committed = list(prompt), list(committed)
         self._check_token_ids(prompt + committed, "prompt")
@@ -502,7 +510,9 @@ class WispService(pb_grpc.WispServicer):
             self.metrics.sessions_active.set(len(self._sessions))
         max_tokens = min(len(session.context) + session.room, self.config.max_context_tokens)
         try:
-            self.engine.add_session(session.session_id, session.context, params, max_tokens, features)
+            self.engine.add_session(
+                session.session_id, session.context, params, max_tokens, features, known_features if features else 0
+            )
         except (EngineFull, ValueError) as error:  # full, or a session this engine cannot serve
             with self._lock:
                 self._sessions.pop(session.session_id, None)
@@ -668,7 +678,7 @@ class WispService(pb_grpc.WispServicer):
             verdict.next_token = commit.next_token
         features = result.verification.features
         if features is not None:  # rows from the first position this round computed, up to the new context's end
-            first = pending.shape.context_tokens
+            first = pending.shape.context_tokens + result.verification.reused_tokens
             verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - first]))
         m = self.metrics
         m.rounds.inc()
@@ -676,6 +686,9 @@ class WispService(pb_grpc.WispServicer):
         m.accepted_tokens.inc(commit.num_accepted)
         m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
         m.round_verified(session.device_kind, len(drafts), commit.num_accepted)
+        if pending.shape.context_tokens == 0:  # the session's first round: its context was looked up
+            m.prefix_cache_queries.inc(pending.shape.new_tokens - len(drafts))
+            m.prefix_cache_hits.inc(result.verification.reused_tokens)
         if first_token:
             m.first_token(session.device_kind, session.first_token_at - session.opened_at)
         waited = result.queue_seconds + result.verify_seconds  # from arrival to the batch's end

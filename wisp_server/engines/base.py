@@ -50,9 +50,12 @@ class RoundVerdict(Verification):
     what the output head reads) at each context position this round computed
     and committed, in order: the session's uncached context tokens, then the
     accepted drafts. A feature-conditioned (EAGLE-style) draft needs them.
+    ``reused_tokens`` leading uncached context tokens were found in the
+    engine's prefix cache: they were not computed and have no features.
     """
 
     features: torch.Tensor | None = None
+    reused_tokens: int = 0
 
 
 class EngineFull(Exception):
@@ -79,12 +82,15 @@ class VerificationEngine(ABC):
         sampling: SamplingParams,
         max_tokens: int,
         features: bool = False,
+        known_features: int = 0,
     ) -> None:
         """Registers a session whose committed context (prompt and generated tokens) is ``context``.
 
         ``max_tokens`` bounds the session's context for its whole life; an engine
         with a bounded KV cache reserves room for it or raises `EngineFull`.
-        With ``features`` each of its verdicts carries the target's features.
+        With ``features`` each of its verdicts carries the target's features; the
+        edge already has those of the first ``known_features`` positions, so an
+        engine with a prefix cache may reuse at most those.
         """
 
     def kv_cache_usage(self) -> float:

@@ -54,6 +54,7 @@ class HFVerificationEngine(VerificationEngine):
         sampling: SamplingParams,
         max_tokens: int,
         features: bool = False,
+        known_features: int = 0,  # no prefix cache: every position is computed, with its features
     ) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")

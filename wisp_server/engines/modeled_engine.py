@@ -322,6 +322,7 @@ class ModeledVerificationEngine(VerificationEngine):
         sampling: SamplingParams,
         max_tokens: int,
         features: bool = False,
+        known_features: int = 0,  # it serves no features
     ) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")

@@ -21,6 +21,10 @@ Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
 * `ProposalTap` hands vLLM's rejection sampler the edge's draft
   probabilities, where a sampled session sends them.
 
+vLLM's prefix caching stays on, so a conversation's next turn reuses the KV
+of its earlier turns. A session whose draft reads the target's features may
+reuse only the positions whose features its edge kept (`hit_limits`).
+
 Without draft probabilities vLLM treats each draft as a point mass, which is
 exact for sampling too (see wisp_common.verification).
 """
@@ -137,9 +141,17 @@ def _scheduler_class():
     from vllm.v1.core.sched.scheduler import Scheduler
 
     class WispVllmScheduler(Scheduler):
-        """vLLM's scheduler, running exactly the requests in `plan`, with the edge's drafts."""
+        """vLLM's scheduler, running exactly the requests in `plan`, with the edge's drafts.
+
+        A request in `hit_limits` reuses at most that many tokens from the prefix cache: a feature-conditioned
+        session gets no features of reused positions, so it may reuse only those whose features its edge has.
+        """
 
         plan: dict[str, list[int]] = {}
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.hit_limits: dict[str, int] = {}
 
         def schedule(self, *args, **kwargs):
             held = [r for r in self.running if r.request_id not in self.plan]
@@ -153,6 +165,14 @@ def _scheduler_class():
 
         def update_draft_token_ids(self, draft_token_ids) -> None:
             """Ignored: nothing may overwrite the edge's drafts."""
+
+        def _get_local_prefix_cache_hit(self, request):
+            blocks, hit, *rest = super()._get_local_prefix_cache_hit(request)
+            limit = self.hit_limits.get(request.request_id)
+            if limit is not None and hit > limit:
+                hit = limit - limit % self.block_size  # a hit is whole blocks
+                blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, hit)
+            return (blocks, hit, *rest)
 
     return WispVllmScheduler
 
@@ -268,7 +288,7 @@ def engine_args(config: ServerConfig, model_path: str, dtype: str, settings: Dev
         "max_num_seqs": config.max_sessions,
         "max_num_batched_tokens": max(config.max_batch_tokens, config.max_context_tokens + 1),
         "kv_cache_memory_bytes": None if by_memory else int(config.kv_cache_gib * 2**30),
-        "enable_prefix_caching": False,
+        "enable_prefix_caching": config.prefix_caching,
         "enforce_eager": settings.enforce_eager,
         "async_scheduling": False,
         "speculative_config": {
@@ -301,6 +321,7 @@ class _Session:
     params: object  # vllm.SamplingParams
     reserved_blocks: int
     features: bool
+    known_features: int  # with features: the most prefix-cached positions it may reuse
     request_id: str | None = None  # vLLM's id, once the request is added
 
 
@@ -343,6 +364,7 @@ class VllmVerificationEngine(VerificationEngine):
         sampling: SamplingParams,
         max_tokens: int,
         features: bool = False,
+        known_features: int = 0,
     ) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -372,7 +394,7 @@ class VllmVerificationEngine(VerificationEngine):
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA,
             )
-            self._sessions[session_id] = _Session(list(context), params, blocks, features)
+            self._sessions[session_id] = _Session(list(context), params, blocks, features, known_features)
 
     def remove_session(self, session_id: str) -> None:
         with self._lock:
@@ -401,9 +423,11 @@ class VllmVerificationEngine(VerificationEngine):
             sessions = [self._sessions[r.session_id] for r in batch]
         if aborts:
             self.engine.abort_request(aborts, internal=True)
-            for request_id in aborts if self.tap is not None else ():
-                self.tap.wanted.discard(request_id)
-                self.tap.take(request_id)
+            for request_id in aborts:
+                self.scheduler.hit_limits.pop(request_id, None)
+                if self.tap is not None:
+                    self.tap.wanted.discard(request_id)
+                    self.tap.take(request_id)
 
         plan: dict[str, list[int]] = {}
         proposals: dict[str, tuple[DraftDistribution | None, ...]] = {}
@@ -416,6 +440,7 @@ class VllmVerificationEngine(VerificationEngine):
                 session.request_id = self.engine.add_request(request.session_id, prompt, session.params)
                 if session.features:
                     self.tap.wanted.add(session.request_id)
+                    self.scheduler.hit_limits[session.request_id] = session.known_features
                 ids[session.request_id] = request.session_id
                 plan[session.request_id] = []
                 first_round.append(index)
@@ -423,7 +448,7 @@ class VllmVerificationEngine(VerificationEngine):
                 ids[session.request_id] = request.session_id
                 plan[session.request_id] = list(request.drafts)
                 proposals[session.request_id] = request.proposals
-        new_tokens = self._run(plan, ids, proposals)
+        new_tokens, reused = self._run(plan, ids, proposals)
 
         results: list[RoundVerdict | None] = [None] * len(batch)
         second: dict[str, list[int]] = {}
@@ -438,41 +463,49 @@ class VllmVerificationEngine(VerificationEngine):
                     second[session.request_id] = list(request.drafts[1:])
                     second_proposals[session.request_id] = request.proposals[1:]
                     continue
-                results[index] = self._verdict(session, 0, tokens[0], last_rows=None)
+                results[index] = self._verdict(session, 0, tokens[0], None, reused[session.request_id])
             else:  # the step computed the last committed token, then the drafts
                 results[index] = self._verdict(session, len(tokens) - 1, tokens[-1], last_rows=len(tokens))
         if second:
-            more = self._run(second, ids, second_proposals)
+            more, _ = self._run(second, ids, second_proposals)
             for index, session in enumerate(sessions):
                 if session.request_id in second:
                     tokens = more[session.request_id]  # the step computed t, then the other drafts
-                    results[index] = self._verdict(session, len(tokens), tokens[-1], last_rows=len(tokens))
+                    results[index] = self._verdict(
+                        session, len(tokens), tokens[-1], len(tokens), reused[session.request_id]
+                    )
         return results  # type: ignore[return-value]
 
-    def _verdict(self, session: _Session, num_accepted: int, next_token: int, last_rows: int | None) -> RoundVerdict:
+    def _verdict(
+        self, session: _Session, num_accepted: int, next_token: int, last_rows: int | None, reused: int = 0
+    ) -> RoundVerdict:
         """The round's verdict; features are the rows of its steps at committed positions.
 
         Every step but the last was a prefill chunk (all rows committed); of the
         last step, ``last_rows`` rows were committed (None: all of them).
+        ``reused``: prompt tokens the prefix cache held (a session's first round).
         """
         if not session.features:
-            return RoundVerdict(num_accepted, next_token)
+            return RoundVerdict(num_accepted, next_token, reused_tokens=reused)
         import torch
 
         steps = self.tap.take(session.request_id)
-        return RoundVerdict(num_accepted, next_token, torch.cat([*steps[:-1], steps[-1][:last_rows]]))
+        features = torch.cat([*steps[:-1], steps[-1][:last_rows]])
+        return RoundVerdict(num_accepted, next_token, features, reused)
 
     def _run(
         self,
         plan: dict[str, list[int]],
         ids: dict[str, str],
         proposals: dict[str, tuple[DraftDistribution | None, ...]],
-    ) -> dict[str, list[int]]:
-        """Steps vLLM until every planned request has its tokens (a long prefill may take several steps);
-        ``proposals``: the distributions the drafts were sampled from, where a session sent them."""
+    ) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Steps vLLM until every planned request has its tokens (a long prefill may take several steps), and
+        says how many prompt tokens each found in the prefix cache; ``proposals``: the distributions the drafts
+        were sampled from, where a session sent them."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         produced: dict[str, list[int]] = {}
+        reused: dict[str, int] = {}
         waiting = dict(plan)
         if self.proposal_tap is not None and any(p is not None for q in proposals.values() for p in q):
             self.proposal_tap.plan = {
@@ -481,16 +514,19 @@ class VllmVerificationEngine(VerificationEngine):
         try:
             for _ in range(self.max_model_len):  # a prefill is never chunked more often
                 self.scheduler.plan = waiting
-                tokens = {o.request_id: o.outputs[0].token_ids for o in self.engine.step() if o.outputs}
+                outputs = [o for o in self.engine.step() if o.outputs]
+                tokens = {o.request_id: o.outputs[0].token_ids for o in outputs}
+                cached = {o.request_id: o.num_cached_tokens or 0 for o in outputs}
                 expected = {ids[request_id] for request_id in waiting}
                 if any(token_ids for rid, token_ids in tokens.items() if rid not in expected):
                     raise RuntimeError("vLLM generated tokens for a session that was not scheduled")
                 for request_id in list(waiting):
                     if tokens.get(ids[request_id]):
                         produced[request_id] = list(tokens[ids[request_id]])
+                        reused[request_id] = cached[ids[request_id]]
                         del waiting[request_id]
                 if not waiting:
-                    return produced
+                    return produced, reused
             raise RuntimeError(f"vLLM produced no tokens for {sorted(waiting)}")
         except EngineDeadError as error:  # its engine core is gone: no later step can run
             raise EngineDead(str(error)) from error
