@@ -143,6 +143,16 @@ def test_an_slo_that_is_no_duration_is_invalid_argument(stub, smollm2_tokenizer,
     assert_still_serving(good_client, reference)
 
 
+def test_more_known_features_than_context_positions_is_invalid_argument(
+    stub, smollm2_tokenizer, good_client, reference
+):
+    request = open_request(smollm2_tokenizer, return_features=True, known_features=len(PROMPT) + 1)
+    error = refusal(stub.Speculate, iter([request]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"known_features={len(PROMPT) + 1} is more than the context's {len(PROMPT)} positions" in error.details()
+    assert_still_serving(good_client, reference)
+
+
 def test_a_request_that_sets_nothing_is_invalid_argument(stub, smollm2_tokenizer, good_client, reference):
     error = refusal(stub.Speculate, iter([open_request(smollm2_tokenizer), pb.SpeculateRequest()]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
