@@ -159,6 +159,7 @@ def open_session(fingerprint: str, odd: str) -> st.SearchStrategy[pb.OpenSession
         return_features=st.booleans(),
         accept_server_decoding=st.booleans(),
         server_paced=st.booleans(),
+        known_features=st.integers(0, MAX_CONTEXT) | UINT32,
     )
 
 
@@ -279,6 +280,7 @@ def parameterized_sessions(draw: st.DrawFn, fingerprint: str) -> list[pb.Specula
         accept_server_decoding=draw(st.booleans()),
         return_features=draw(st.booleans()),
         server_paced=draw(st.booleans()),
+        known_features=draw(st.integers(0, MAX_CONTEXT) | UINT32),
     )
     open_msg.stop.CopyFrom(
         pb.StopCondition(
