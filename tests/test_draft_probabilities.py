@@ -41,7 +41,12 @@ def test_the_drafter_samples_each_draft_from_the_q_it_sends():
     for _ in range(DRAWS):
         drafter.start([3, 9, 27])
         token = drafter.draft_one()
-        assert drafter.proposals[0] is not None and (proposal is None or drafter.proposals[0] == proposal)
+        # The same q every time, up to rounding (the drafter may reuse its KV of the context it saw last).
+        same = proposal is None or (
+            drafter.proposals[0].token_ids == proposal.token_ids
+            and drafter.proposals[0].probs == pytest.approx(proposal.probs, abs=1e-6)
+        )
+        assert drafter.proposals[0] is not None and same
         proposal = drafter.proposals[0]
         counts[token] = counts.get(token, 0) + 1
     assert proposal is not None and len(proposal.token_ids) == PROPOSAL_TOKENS

@@ -144,19 +144,12 @@ def test_a_conversation_s_next_turn_reuses_its_history_and_stays_the_target_s(se
     """Through `wisp-edge serve` (two pooled clients) and the official openai client: a conversation's second turn,
     after another conversation's first, is the target's own answer, and on the vllm engine the server computes
     its history again only where the edge did not keep the history's target features (vLLM's prefix cache)."""
-    from urllib.request import urlopen
-
     import openai
     from helpers import edge_daemon
-    from prometheus_client.parser import text_string_to_metric_families
 
+    from benchmarks.follow_up import prefix_cache_hits
     from wisp_common.models import load_tokenizer
     from wisp_edge.chat import conversation_ids
-
-    def prefix_cache_hits() -> float:
-        text = urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
-        return next(s.value for s in samples if s.name == "wisp_prefix_cache_hits_total")
 
     target, _ = references
     tokenizer = load_tokenizer("smollm2-135m-instruct")
@@ -176,9 +169,9 @@ def test_a_conversation_s_next_turn_reuses_its_history_and_stays_the_target_s(se
 
         reply = chat(first)
         chat([{"role": "user", "content": PROMPTS[8]}])  # another conversation on the other client
-        before = prefix_cache_hits()
+        before = prefix_cache_hits(server.metrics_port)
         chat([*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Give an example."}])
-        reused = prefix_cache_hits() - before
+        reused = prefix_cache_hits(server.metrics_port) - before
     if request.node.callspec.params["server"] == "vllm":
         assert reused >= 64  # whole 32-token blocks of the first turn (about 100 tokens)
     else:

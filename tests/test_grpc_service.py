@@ -98,6 +98,25 @@ def test_a_full_session_commits_what_the_target_would(stub, smollm2_tokenizer, t
     assert verdict.finish_reason == pb.FINISH_REASON_LENGTH
 
 
+def test_features_end_before_the_newest_token_also_when_a_stop_comes_among_the_drafts(
+    stub, smollm2_tokenizer, target_model
+):
+    """The edge places a verdict's features by that rule; kept for the conversation's next turn, a row too many
+    would shift every feature after it."""
+    reference = reference_greedy(target_model, PROMPT, 4)
+    opening = open_request(smollm2_tokenizer)
+    opening.open.return_features = True
+    opening.open.stop.stop_token_ids.append(reference[1])
+    responses = call(stub, [opening, draft_request(len(PROMPT), reference[:3])])
+    verdict = responses[1].verdict  # the second draft is the stop token: committed, with no token of the target's
+    assert (verdict.num_accepted, verdict.HasField("next_token"), verdict.finish_reason) == (
+        2,
+        False,
+        pb.FINISH_REASON_STOP,
+    )
+    assert (verdict.features.position, verdict.features.rows) == (0, len(PROMPT) + 2 - 1)
+
+
 @pytest.mark.parametrize(
     ("case", "code", "words"),
     [

@@ -309,7 +309,6 @@ class EdgeClient:
                 slo=slo.to_proto(),
                 device=self.device,
                 return_features=self.drafter.wants_features,
-                known_features=self.drafter.known_features,
                 accept_server_decoding=self.server_decoding,
                 server_paced=self.server_paced,
             ),
@@ -361,6 +360,7 @@ class EdgeClient:
             opening = pb.OpenSession()
             opening.CopyFrom(run.open)
             opening.committed_token_ids.extend(run.generated)  # a resumed session: nothing lost, nothing twice
+            opening.known_features = self.drafter.known_features if run.open.return_features else 0
             requests.put(pb.SpeculateRequest(open=opening))
             opened = _next(inbox, time.monotonic() + self.resume.round_timeout)[1].opened
             limit = min(run.draft_tokens, opened.max_draft_tokens)

@@ -116,7 +116,7 @@ class ServerMetrics:
         self.prefix_cache_hits = Counter(
             "wisp_prefix_cache_hits",
             "Of those, tokens found there and not computed again: a conversation's earlier turns (vLLM: "
-            "prefix_cache_hits)",
+            "prefix_cache_hits; none on the hf engine or with --no-prefix-caching)",
             registry=r,
         )
         self.build = Info("wisp_build", "The server's release, target and policy", registry=r)

@@ -399,9 +399,14 @@ class BatchScheduler:
         for pending in batch:  # waiting releases the GIL: the handlers run now, not behind the next batch
             pending.handled.wait(max(0.0, handoff_until - time.monotonic()))
         end = time.monotonic()
-        self.estimator.observe([p.shape for p in batch], elapsed)
+        # What the batch computed: a first round whose prompt began with a cached prefix computed only the rest.
+        shapes = [
+            SequenceShape(p.shape.context_tokens + v.reused_tokens, p.shape.new_tokens - v.reused_tokens)
+            for p, v in zip(batch, verifications)
+        ]
+        self.estimator.observe(shapes, elapsed)
         self.metrics.batch_size.observe(len(batch))
-        self.metrics.batch_tokens.observe(sum(p.shape.new_tokens for p in batch))
+        self.metrics.batch_tokens.observe(sum(s.new_tokens for s in shapes))
         self.metrics.verify_seconds.observe(elapsed)
         for pending in batch:
             self.metrics.queue_seconds.observe(start - pending.arrival)

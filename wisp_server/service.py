@@ -677,9 +677,9 @@ class WispService(pb_grpc.WispServicer):
         if commit.next_token is not None:
             verdict.next_token = commit.next_token
         features = result.verification.features
-        if features is not None:  # rows from the first position this round computed, up to the new context's end
+        if features is not None:  # rows from the first position this round computed, up to the newest token's
             first = pending.shape.context_tokens + result.verification.reused_tokens
-            verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - first]))
+            verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - 1 - first]))
         m = self.metrics
         m.rounds.inc()
         m.draft_tokens.inc(len(drafts))

@@ -104,7 +104,8 @@ class VerificationEngine(ABC):
 
     @abstractmethod
     def uncached_tokens(self, session_id: str) -> int:
-        """Committed tokens not yet in the KV cache: what a round computes besides the drafts."""
+        """Committed tokens not yet in the session's KV cache: what a round computes besides the drafts (of a
+        first round, less what it finds in a prefix cache: `RoundVerdict.reused_tokens`)."""
 
     @abstractmethod
     def verify(self, batch: Sequence[RoundRequest]) -> list[RoundVerdict]:

@@ -21,8 +21,8 @@ Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
 * `ProposalTap` hands vLLM's rejection sampler the edge's draft
   probabilities, where a sampled session sends them.
 
-vLLM's prefix caching stays on, so a conversation's next turn reuses the KV
-of its earlier turns. A session whose draft reads the target's features may
+vLLM's prefix caching is on (unless --no-prefix-caching), so a conversation's
+next turn reuses the KV of its earlier turns. A session whose draft reads the target's features may
 reuse only the positions whose features its edge kept (`hit_limits`).
 
 Without draft probabilities vLLM treats each draft as a point mass, which is
@@ -167,13 +167,16 @@ def _scheduler_class():
             """Ignored: nothing may overwrite the edge's drafts."""
 
         def _get_local_prefix_cache_hit(self, request):
-            blocks, hit, *rest = super()._get_local_prefix_cache_hit(request)
+            blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
             limit = self.hit_limits.get(request.request_id)
-            if limit is not None and hit > limit:
-                hit = limit - limit % self.block_size  # a hit is whole blocks
-                blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, hit)
-            return (blocks, hit, *rest)
+            if limit is not None and hit > limit:  # look again, for the longest hit within the limit
+                manager = self.kv_cache_manager
+                found, hit, uncached = manager.coordinator.find_longest_cache_hit(request.block_hashes, limit)
+                blocks, boundary = manager.create_kv_cache_blocks(found), hit + uncached if uncached else 0
+            return blocks, hit, boundary, diverged
 
+    if not hasattr(Scheduler, "_get_local_prefix_cache_hit"):
+        raise RuntimeError("this vLLM's scheduler has no _get_local_prefix_cache_hit: the prefix-cache cap fails")
     return WispVllmScheduler
 
 
@@ -382,6 +385,11 @@ class VllmVerificationEngine(VerificationEngine):
                 raise ValueError(
                     "target features need the model to run in the server's process: tensor and pipeline parallel "
                     "size 1 (run a draft that is not conditioned on features)"
+                )
+            if features and getattr(self.scheduler, "connector", None) is not None:
+                raise ValueError(
+                    "target features cannot be served with a KV connector (its KV comes without features): run "
+                    "without kv_transfer_config, or a draft that is not conditioned on features"
                 )
             self._reserved += blocks
             params = VllmSamplingParams(
