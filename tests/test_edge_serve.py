@@ -350,8 +350,9 @@ def test_real_models_serve_and_chat(tmp_path):
 
 
 def test_a_conversation_s_next_turn_goes_to_the_client_that_holds_its_history(smollm2_tokenizer):
-    """Its drafter state (the target features of the earlier turns) is reused; another conversation, which shares
-    only the system prompt, takes the least recently used client and leaves that history alone."""
+    """Its drafter state (the target features of the earlier turns) is reused, also by the same prompt again;
+    another conversation, which shares only the system prompt, takes the least recently used client and leaves that
+    history alone."""
     clients = [EdgeClient(grpc.insecure_channel("127.0.0.1:1"), CopyDrafter(), pb.ModelIdentity()) for _ in range(3)]
     pool = ClientPool(clients)
     first = [user("Tell me about the sea.")]
@@ -362,7 +363,11 @@ def test_a_conversation_s_next_turn_goes_to_the_client_that_holds_its_history(sm
     other = pool.take(conversation_ids(smollm2_tokenizer, [user("Name a colour.")]))
     assert holder is clients[0] and other is clients[1]  # the least recently used, not the history's holder
     follow_up = [*first, {"role": "assistant", "content": "The sea is wide."}, user("And deep?")]
-    assert pool.take(conversation_ids(smollm2_tokenizer, follow_up)) is holder
+    second_turn = conversation_ids(smollm2_tokenizer, follow_up)
+    assert pool.take(second_turn) is holder
+    holder.drafter.start(second_turn)
+    pool.give_back(holder)
+    assert pool.take(second_turn) is holder  # the same prompt again (a regenerate, a retry)
     assert pool.take([1, 2, 3]) is clients[2] and pool.take([4]) is None and pool.busy == 3
 
 

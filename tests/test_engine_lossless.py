@@ -332,3 +332,25 @@ def test_vllm_reuses_cached_prefixes_only_as_far_as_the_edge_kept_features(targe
         if options:
             torch.testing.assert_close(verdict.features, expected[verdict.reused_tokens :], atol=1e-4, rtol=1e-4)
         engine.remove_session(sid)
+
+
+def test_a_prompt_cached_but_for_its_last_token_gets_exactly_its_features(target):
+    """A regenerate or a resumed session: vLLM's prefix cache holds every token of the prompt but the last.
+    vLLM would pad that one-token prefill with placeholder drafts, whose rows are no features; the first round
+    computes at least two tokens instead, and its features, with or without drafts, are the target's own."""
+    model, path = target
+    engine = make_engine("vllm", model, path)
+    prompt = torch.randint(0, VOCAB, (3 * engine.block_size + 1,), generator=torch.Generator().manual_seed(5)).tolist()
+    reference = reference_greedy(model, prompt, 4)
+    engine.add_session("first", prompt, SamplingParams(), 64, features=True)
+    engine.verify([RoundRequest("first", ())])
+    engine.remove_session("first")  # its prompt's whole blocks stay in the prefix cache
+    for sid, drafts in [("again", ()), ("again-with-drafts", tuple(reference[:3]))]:
+        engine.add_session(sid, prompt, SamplingParams(), 64, features=True, known_features=len(prompt) - 1)
+        (verdict,) = engine.verify([RoundRequest(sid, drafts)])
+        assert 0 < verdict.reused_tokens <= len(prompt) - 2, sid
+        assert verdict.num_accepted == len(drafts) and verdict.next_token == reference[len(drafts)], sid
+        committed = prompt + reference[: verdict.num_accepted]
+        expected = model.model(input_ids=torch.tensor([committed])).last_hidden_state[0]
+        torch.testing.assert_close(verdict.features, expected[verdict.reused_tokens :], atol=1e-4, rtol=1e-4)
+        engine.remove_session(sid)

@@ -281,3 +281,25 @@ def test_the_drafter_takes_the_lookup_only_where_the_draft_is_unsure():
     plain.start(context)
     assert picks[0.0] == (plain.draft_one(), False) and plain.pending[0] != 12
     assert picks[1.01] == (12, True)
+
+
+def test_a_drafter_whose_step_failed_midway_forgets_its_state_and_drafts_as_a_new_one(
+    tiny_pair, tiny_server, smollm2_tokenizer, monkeypatch
+):
+    """A drafting step that raised between two layers (out of memory, say) left the first layer's KV longer than
+    the second's. The client makes its drafter forget everything then (it keeps its state between requests for a
+    conversation's next turn); the next request drafts what a fresh drafter drafts."""
+    client = make_client(tiny_server[1], tiny_pair[1], smollm2_tokenizer)
+    drafter, model = client.drafter, client.drafter.model
+    context = smollm2_tokenizer.encode("The tiny model rambles on")
+    fresh = ModelDrafter(model)
+    fresh.start(context)
+    expected = fresh.draft(4)
+    with monkeypatch.context() as patch:
+        patch.setattr(model.model.layers[1], "forward", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            client.generate(context, max_new_tokens=8)
+    assert all(layer.get_seq_length() == 0 for layer in drafter._cache.layers)
+    assert drafter.tokens == [] and drafter.known_features == 0
+    drafter.start(context)
+    assert drafter.draft(4) == expected

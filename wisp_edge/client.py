@@ -318,6 +318,16 @@ class EdgeClient:
             timing=RoundTiming(),
             started=time.monotonic(),
         )
+        try:
+            return self._resuming(run, stats, cancellation)
+        except grpc.RpcError:
+            raise  # the server's or the network's: the drafter's state is whole, a retried turn reuses it
+        except BaseException:
+            self.drafter.forget()  # a drafting step may have raised midway: the next request starts afresh
+            raise
+
+    def _resuming(self, run: _Run, stats: GenerationStats, cancellation: Cancellation | None) -> GenerationResult:
+        """Runs the session, resuming it on a new stream each time one breaks, until it finishes or gives up."""
         failures, loading_since = 0, None
         while True:
             committed = len(run.generated)

@@ -93,6 +93,11 @@ class Drafter(ABC):
         self.tokens, self.pending, self.signals, self.proposals = list(context), [], [], []
         self._restart(kept)
 
+    def forget(self) -> None:
+        """Drops every kept state: a step that raised midway may have left a model cache half-written."""
+        self.tokens = []
+        self.start(())
+
     @property
     def known_features(self) -> int:
         """Leading context positions whose target features the drafter holds (what the server need not send)."""
@@ -221,9 +226,8 @@ class ModelDrafter(Drafter):
         self._crop(shared_prefix(self._cached, self.tokens + self.pending))
 
     def _crop(self, length: int) -> None:
-        if length < len(self._cached):
-            crop_cache(self._cache, length)
-            self._cached = self._cached[:length]
+        crop_cache(self._cache, length)
+        self._cached = self._cached[:length]
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -232,9 +236,11 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Keeps the first ``length`` positions. (`crop` now takes how many to remove; its old form, the length to
-    keep, is deprecated and could never crop to zero.)"""
-    cache.crop(min(0, length - cache.get_seq_length()))
+    """Keeps the first ``length`` positions of every layer, also of layers a failed step left longer than others.
+    (`crop` now takes how many to remove; its old form, the length to keep, is deprecated and could never crop to
+    zero.)"""
+    for layer in cache.layers:
+        layer.crop(min(0, length - layer.get_seq_length()))
 
 
 class CopyDrafter(Drafter):

@@ -158,13 +158,13 @@ class ClientPool:
         self._lock = threading.Lock()
 
     def take(self, prompt_ids: Sequence[int]) -> EdgeClient | None:
-        """A free client: the one whose last request ``prompt_ids`` continues (its prompt and some of its answer:
-        the conversation's next turn), else the least recently used."""
+        """A free client: the one whose last request ``prompt_ids`` continues (its whole prompt: the conversation's
+        next turn, or the same prompt again), else the least recently used."""
         with self._lock:
             if not self._free:
                 return None
             best = max(self._free, key=lambda client: shared_prefix(client.drafter.tokens, prompt_ids))
-            if shared_prefix(best.drafter.tokens, prompt_ids) <= self._prompt_lengths[id(best)]:
+            if shared_prefix(best.drafter.tokens, prompt_ids) < self._prompt_lengths[id(best)]:
                 best = self._free[0]  # another conversation, if one with the same system prompt
             self._free.remove(best)
             self._prompt_lengths[id(best)] = len(prompt_ids)

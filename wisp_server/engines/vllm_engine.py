@@ -7,7 +7,7 @@ or bonus token, and vLLM rolls back the KV of rejected positions. A round
 therefore computes only the new tokens (the last committed token plus the
 drafts) and nothing is recomputed from the prompt.
 
-Three small hooks make vLLM run exactly the batch WISP's scheduler chose:
+Small hooks make vLLM run exactly the batch WISP's scheduler chose:
 
 * `WispVllmScheduler` holds every running request that is not in this step's
   plan out of `schedule()` (it keeps its KV blocks and gets no token), sets
@@ -145,6 +145,8 @@ def _scheduler_class():
 
         A request in `hit_limits` reuses at most that many tokens from the prefix cache: a feature-conditioned
         session gets no features of reused positions, so it may reuse only those whose features its edge has.
+        Every new request computes at least two tokens: vLLM pads a one-token prefill with placeholder drafts,
+        whose rows would pass for features, and which come without the proposals of a sampled step.
         """
 
         plan: dict[str, list[int]] = {}
@@ -168,8 +170,8 @@ def _scheduler_class():
 
         def _get_local_prefix_cache_hit(self, request):
             blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
-            limit = self.hit_limits.get(request.request_id)
-            if limit is not None and hit > limit:  # look again, for the longest hit within the limit
+            limit = min(self.hit_limits.get(request.request_id, hit), max(0, request.num_tokens - 2))
+            if hit > limit:  # look again, for the longest hit within the limit
                 manager = self.kv_cache_manager
                 found, hit, uncached = manager.coordinator.find_longest_cache_hit(request.block_hashes, limit)
                 blocks, boundary = manager.create_kv_cache_blocks(found), hit + uncached if uncached else 0
@@ -473,7 +475,7 @@ class VllmVerificationEngine(VerificationEngine):
                     continue
                 results[index] = self._verdict(session, 0, tokens[0], None, reused[session.request_id])
             else:  # the step computed the last committed token, then the drafts
-                results[index] = self._verdict(session, len(tokens) - 1, tokens[-1], last_rows=len(tokens))
+                results[index] = self._verdict(session, len(tokens) - 1, tokens[-1], len(tokens))
         if second:
             more, _ = self._run(second, ids, second_proposals)
             for index, session in enumerate(sessions):
@@ -485,21 +487,23 @@ class VllmVerificationEngine(VerificationEngine):
         return results  # type: ignore[return-value]
 
     def _verdict(
-        self, session: _Session, num_accepted: int, next_token: int, last_rows: int | None, reused: int = 0
+        self, session: _Session, num_accepted: int, next_token: int, last_rows: int | None, reused: int | None = None
     ) -> RoundVerdict:
         """The round's verdict; features are the rows of its steps at committed positions.
 
         Every step but the last was a prefill chunk (all rows committed); of the
-        last step, ``last_rows`` rows were committed (None: all of them).
-        ``reused``: prompt tokens the prefix cache held (a session's first round).
+        last step, ``last_rows`` rows were committed (None: all of them, a prefill).
+        ``reused``: of a session's first round, the prompt tokens vLLM found in its prefix cache.
         """
         if not session.features:
-            return RoundVerdict(num_accepted, next_token, reused_tokens=reused)
+            return RoundVerdict(num_accepted, next_token, reused_tokens=reused or 0)
         import torch
 
         steps = self.tap.take(session.request_id)
         features = torch.cat([*steps[:-1], steps[-1][:last_rows]])
-        return RoundVerdict(num_accepted, next_token, features, reused)
+        if reused is not None:  # the features start where vLLM began computing (a sliding window replays a hit)
+            reused = len(session.context) - sum(len(rows) for rows in (steps if last_rows is None else steps[:-1]))
+        return RoundVerdict(num_accepted, next_token, features, reused or 0)
 
     def _run(
         self,
