@@ -214,6 +214,7 @@ def measure_draft_seconds_per_token(
     prompts: str | Path | None = None,
     statistic: str = "median",
     clock: str = "cpu",
+    evict_mib: int = 0,
 ) -> float:
     """Seconds per drafted token at batch 1, fp32 on the CPU with ``threads`` torch threads: the ``statistic``
     (`STATISTICS`) of the per-token times on ``clock`` (`CLOCKS`).
@@ -230,7 +231,8 @@ def measure_draft_seconds_per_token(
     closer to what an idle core would take than "wall" (`time.perf_counter`), though their cache and memory
     traffic still slows it. With more than one thread only "wall" means anything.
     """
-    return _statistic(draft_step_times(draft, tokens, turns, context, threads, prompts)[_clock(clock)], statistic)
+    times = draft_step_times(draft, tokens, turns, context, threads, prompts, evict_mib)
+    return _statistic(times[_clock(clock)], statistic)
 
 
 def draft_step_times(
@@ -240,8 +242,12 @@ def draft_step_times(
     context: int = 512,
     threads: int = 1,
     prompts: str | Path | None = None,
+    evict_mib: int = 0,
 ) -> dict[str, list[float]]:
-    """Every timed `draft_one` of `measure_draft_seconds_per_token`, in seconds, by clock ("wall", "cpu")."""
+    """Every timed `draft_one` of `measure_draft_seconds_per_token`, in seconds, by clock ("wall", "cpu").
+
+    ``evict_mib`` > 0 reads that many MiB before each step, so that the draft's weights come from memory, not
+    from a server CPU's last-level cache: a laptop's (tens of MiB) cannot hold them, this Xeon's 300 MiB can."""
     import torch
 
     from wisp_common.models import load_causal_lm, load_tokenizer
@@ -254,7 +260,7 @@ def draft_step_times(
         with torch.inference_mode():
             features = target.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
         del target
-        return _time_drafting(make, ids, features, tokens, turns)
+        return _time_drafting(make, ids, features, tokens, turns, evict_mib)
 
 
 def measure_step_overhead_seconds(
@@ -365,7 +371,12 @@ def _context_ids(tokenizer, context: int, prompts: str | Path | None) -> list[in
     raise ValueError(f"the prompts make only {len(ids)} tokens, fewer than a context of {context}")
 
 
-def _time_drafting(make, ids: list[int], features, tokens: int, turns: int) -> dict[str, list[float]]:
+def _time_drafting(
+    make, ids: list[int], features, tokens: int, turns: int, evict_mib: int = 0
+) -> dict[str, list[float]]:
+    import torch
+
+    evictor = torch.ones(evict_mib * 2**20 // 4) if evict_mib > 0 else None
     times: dict[str, list[float]] = {"wall": [], "cpu": []}
     for _ in range(turns):
         drafter = make()
@@ -373,6 +384,8 @@ def _time_drafting(make, ids: list[int], features, tokens: int, turns: int) -> d
         drafter.commit(0, ids[-1], features[:-1])
         drafter.draft_one()  # the pass over the context's features
         for _ in range(tokens):
+            if evictor is not None:
+                evictor.sum()
             wall, cpu = time.perf_counter(), time.thread_time()
             drafter.draft_one()
             times["cpu"].append(time.thread_time() - cpu)
@@ -421,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     measure.add_argument("--turns", type=int, default=5)
     measure.add_argument("--context", type=int, default=512)
     measure.add_argument("--threads", type=int, default=1)
+    measure.add_argument(
+        "--evict-mib",
+        type=int,
+        default=1024,
+        help="MiB read before each timed draft step so the draft's weights come from memory, as on a laptop whose "
+        "caches cannot hold them (default %(default)s; 0 times it with warm caches)",
+    )
     derive = sub.add_parser("derive", help="recompute the derived draft times in profiles.json")
     derive.add_argument("--profiles", default=str(PROFILES_FILE))
     derive.add_argument("--draft", default=DEFAULT_DRAFT)
@@ -429,14 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         import os
 
         load = os.getloadavg()
-        draft = draft_step_times(args.draft, args.tokens, args.turns, args.context, args.threads)
+        draft = draft_step_times(args.draft, args.tokens, args.turns, args.context, args.threads, None, args.evict_mib)
+        warm = draft_step_times(args.draft, args.tokens, args.turns, args.context, args.threads)
         overhead, calls = overhead_step_times(args.draft, args.tokens, args.turns, args.context, args.threads)
         result = {
             "cpu": _cpu_name(),
             "threads": args.threads,
             "context": args.context,
             "load_average_before": load,
+            "evict_mib": args.evict_mib,
             "draft_seconds_per_token": {c: {s: _statistic(draft[c], s) for s in STATISTICS} for c in CLOCKS},
+            "draft_seconds_per_token_warm_caches": {c: {s: _statistic(warm[c], s) for s in STATISTICS} for c in CLOCKS},
             "overhead_seconds_per_step": {c: {s: _statistic(overhead[c], s) for s in STATISTICS} for c in CLOCKS},
             "aten_calls_per_step": sum(calls.values()),
             "aten_calls_by_name": calls,
