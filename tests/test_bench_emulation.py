@@ -351,3 +351,16 @@ def test_the_server_admits_every_session_unless_told_to_admit_fewer():
 
     assert admitted() >= 32
     assert admitted("--server-max-sessions", "16") == 16
+
+
+def test_a_sweep_runs_every_configuration_at_a_load_before_the_next_load():
+    """Configurations are compared side by side: all of them at one load, their order reversed at the next, so a
+    machine that slows for a few minutes does not slow one configuration's every point."""
+    from wisp_bench.cli import interleaved
+
+    order = interleaved(["wisp", "sled", "centralized"], [1, 2, 4])
+    assert order == [
+        ("wisp", 1), ("sled", 1), ("centralized", 1),
+        ("centralized", 2), ("sled", 2), ("wisp", 2),
+        ("wisp", 4), ("sled", 4), ("centralized", 4),
+    ]  # fmt: skip

@@ -238,47 +238,54 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     bar = tqdm(total=total, desc="sessions", unit="session")
     server, running_args = None, None
     try:
-        for name in args.configs:
+        for name, load in interleaved(args.configs, loads):
             configuration = CONFIGURATIONS[name]
-            for load in loads:
-                wanted = server_args(args, configuration, load, answers)
-                if wanted != running_args:  # a server is reused only where it was started exactly so
-                    if server is not None:
-                        server.stop()
-                    bar.set_postfix_str(f"starting a server for {name}")
-                    server = ServerProcess(wanted, log_prefix=None)
-                    running_args = wanted
-                    warm_up(server.address, prompt_ids)
-                bar.set_postfix_str(f"{name}, {load} arrivals/s" if args.rates else f"{name}, {load} devices")
-                if args.rates:
-                    devices, plan = open_loop_devices(
-                        fleet_spec, prompts, load, args.requests, args.burstiness, args.seed
-                    )
-                else:
-                    fleet = scaled_fleet(fleet_spec, load)
-                    devices = fleet.devices
-                    plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
-                run = DeviceRun(
-                    configuration=configuration,
-                    address=server.address,
-                    prompt_ids=prompt_ids,
-                    recordings=recordings,
-                    identity=identity,
-                    predictor=AcceptancePredictor.beside(draft_path),
-                    draft_tokens=args.draft_tokens,
-                    max_new_tokens=args.max_new_tokens,
-                    wants_features=args.regime == "real" and is_eagle_model(draft_path),
-                    seed=args.seed,
-                    clock_zero=time.monotonic(),
-                )
-                before = scrape(server.metrics_port)
-                traces[(name, load)] = run_fleet(devices, plan, slos, run, lambda _: bar.update())
-                server_figures[f"{name}/{load}"] = during(before, scrape(server.metrics_port))
+            wanted = server_args(args, configuration, load, answers)
+            if wanted != running_args:  # a server is reused only where it was started exactly so
+                if server is not None:
+                    server.stop()
+                bar.set_postfix_str(f"starting a server for {name}")
+                server = ServerProcess(wanted, log_prefix=None)
+                running_args = wanted
+                warm_up(server.address, prompt_ids)
+            bar.set_postfix_str(f"{name}, {load} arrivals/s" if args.rates else f"{name}, {load} devices")
+            if args.rates:
+                devices, plan = open_loop_devices(fleet_spec, prompts, load, args.requests, args.burstiness, args.seed)
+            else:
+                fleet = scaled_fleet(fleet_spec, load)
+                devices = fleet.devices
+                plan = closed_loop_plan(fleet, prompts, args.sessions_per_device, args.seed, args.think)
+            run = DeviceRun(
+                configuration=configuration,
+                address=server.address,
+                prompt_ids=prompt_ids,
+                recordings=recordings,
+                identity=identity,
+                predictor=AcceptancePredictor.beside(draft_path),
+                draft_tokens=args.draft_tokens,
+                max_new_tokens=args.max_new_tokens,
+                wants_features=args.regime == "real" and is_eagle_model(draft_path),
+                seed=args.seed,
+                clock_zero=time.monotonic(),
+            )
+            before = scrape(server.metrics_port)
+            traces[(name, load)] = run_fleet(devices, plan, slos, run, lambda _: bar.update())
+            server_figures[f"{name}/{load}"] = during(before, scrape(server.metrics_port))
     finally:
         bar.close()
         if server is not None:
             server.stop()
+    points = [(name, load) for name in args.configs for load in loads]  # the tables go by configuration
+    traces = {point: traces[point] for point in points}
+    server_figures = {f"{name}/{load}": server_figures[f"{name}/{load}"] for name, load in points}
     return write_results(args, regime, traces, server_figures)
+
+
+def interleaved(configs: list[str], loads: list[float]) -> list[tuple[str, float]]:
+    """The sweep's order: every configuration at one load before the next load, the configurations' order
+    reversed from one load to the next. A shared machine's speed drifts over minutes (another tenant's jobs), so
+    a ratio is taken between points run side by side, and a drift hits the first and last configuration alike."""
+    return [(name, load) for i, load in enumerate(loads) for name in (configs if i % 2 == 0 else configs[::-1])]
 
 
 def warm_up(address: str, prompt_ids: list[list[int]]) -> None:
