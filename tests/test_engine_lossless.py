@@ -295,6 +295,7 @@ def test_vllm_reuses_cached_prefixes_only_as_far_as_the_edge_kept_features(targe
     """A conversation's next turn: vLLM's prefix cache serves the KV of the earlier turn. A session whose draft
     reads the target's features reuses at most the positions whose features its edge kept, and its first verdict
     brings the features of every position after the reused ones, exactly; a session without features reuses all.
+    Before each first round the engine tells the estimator how many tokens it will compute, the hit included.
     """
     model, path = target
     engine = make_engine("vllm", model, path)
@@ -304,7 +305,9 @@ def test_vllm_reuses_cached_prefixes_only_as_far_as_the_edge_kept_features(targe
 
     def first_round(sid: str, context: list[int], **options) -> tuple:
         engine.add_session(sid, context, SamplingParams(), 256, **options)
+        predicted = engine.uncached_tokens(sid)  # what the estimator prices the round by
         (verdict,) = engine.verify([RoundRequest(sid, ())])
+        assert predicted == len(context) - verdict.reused_tokens, sid
         return verdict
 
     earlier = first_round("turn-1", prompt, features=True)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wisp_server.engines.base import RoundRequest
+from wisp_server.engines.base import RoundRequest, RoundVerdict
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features, sequence_features
 from wisp_server.scheduler import (
     BatchLimits,
@@ -19,6 +19,7 @@ from wisp_server.scheduler import (
     SchedulingPolicy,
     SLEDPolicy,
     WispPolicy,
+    computed_shape,
 )
 
 TRUE_COEF = np.array([0.004, 0.0008, 0.0003, 0.0002, 0.00005])  # launch, sequence, token, attention, prefill
@@ -279,3 +280,14 @@ def test_a_batchs_features_are_its_launch_plus_each_sequences(batch, padded):
         widest = SequenceShape(max(s.context_tokens for s in batch), max(s.new_tokens for s in batch))
     expected = np.array([1.0, 0, 0, 0, 0]) + sum((sequence_features(s, widest) for s in batch), np.zeros(5))
     assert np.allclose(features(batch, padded), expected)
+
+
+def test_the_estimator_learns_what_a_round_computed_not_what_was_guessed_when_it_was_queued():
+    """A first round is queued with the engine's guess of its prefix-cache hit; it computed its context from where
+    the hit it got ended (blocks may be evicted or cached in between). Later rounds computed what they queued."""
+    guessed = SequenceShape(160, 45)  # 160 of 205 context tokens guessed cached
+    first = PendingRound(RoundRequest("s", ()), guessed, first=True)
+    assert computed_shape(first, RoundVerdict(0, 7, reused_tokens=128)) == SequenceShape(128, 77)
+    assert computed_shape(first, RoundVerdict(0, 7, reused_tokens=0)) == SequenceShape(0, 205)
+    later = PendingRound(RoundRequest("s", (1, 2)), SequenceShape(300, 3))
+    assert computed_shape(later, RoundVerdict(2, 7)) == SequenceShape(300, 3)

@@ -66,6 +66,7 @@ class PendingRound:
     deadline: float = float("inf")  # monotonic time by which the session needs its next token
     expected_tokens: float = 1.0  # tokens this round is expected to commit
     arrival: float = field(default_factory=time.monotonic)
+    first: bool = False  # the session's first round: its shape's cached part is the engine's guess of its hit
     future: Future[RoundResult] = field(default_factory=Future)
     # Set by the handler once it no longer needs the core for this round (its verdict is sent).
     handled: threading.Event = field(default_factory=threading.Event)
@@ -88,6 +89,15 @@ class RoundResult:
     queue_seconds: float
     verify_seconds: float
     batch_size: int
+
+
+def computed_shape(pending: PendingRound, verdict: RoundVerdict) -> SequenceShape:
+    """What a round computed: as queued, but for a first round, which computed its context from where the prefix
+    cache's hit ended (the engine guessed the hit when it was queued; blocks may have been evicted or cached since)."""
+    if not pending.first:
+        return pending.shape
+    total = pending.shape.context_tokens + pending.shape.new_tokens
+    return SequenceShape(verdict.reused_tokens, total - verdict.reused_tokens)
 
 
 def within_limits(batch: Sequence[PendingRound], candidate: PendingRound, limits: BatchLimits) -> bool:
@@ -399,11 +409,8 @@ class BatchScheduler:
         for pending in batch:  # waiting releases the GIL: the handlers run now, not behind the next batch
             pending.handled.wait(max(0.0, handoff_until - time.monotonic()))
         end = time.monotonic()
-        # What the batch computed: a first round whose prompt began with a cached prefix computed only the rest.
-        shapes = [
-            SequenceShape(p.shape.context_tokens + v.reused_tokens, p.shape.new_tokens - v.reused_tokens)
-            for p, v in zip(batch, verifications)
-        ]
+        # What the batch computed: a first round's prompt was computed from where its prefix-cache hit ended.
+        shapes = [computed_shape(p, v) for p, v in zip(batch, verifications)]
         self.estimator.observe(shapes, elapsed)
         self.metrics.batch_size.observe(len(batch))
         self.metrics.batch_tokens.observe(sum(s.new_tokens for s in shapes))

@@ -43,7 +43,14 @@ from wisp_common.verification import draft_distributions
 from wisp_server.engines.base import EngineFull, RoundRequest, VerificationEngine
 from wisp_server.estimator import SequenceShape
 from wisp_server.ngram import NgramSpeculation
-from wisp_server.scheduler import BatchScheduler, ExpectedRound, PendingRound, RoundWithdrawn, SchedulerStopped
+from wisp_server.scheduler import (
+    BatchScheduler,
+    ExpectedRound,
+    PendingRound,
+    RoundWithdrawn,
+    SchedulerStopped,
+    computed_shape,
+)
 from wisp_server.session import Session
 from wisp_server.speculation_length import goodput_optimal_drafts
 
@@ -625,6 +632,7 @@ class WispService(pb_grpc.WispServicer):
         pending = PendingRound(
             RoundRequest(session.session_id, drafts, proposals),
             shape,
+            first=session.first_token_at is None,  # no round committed yet: the engine has not seen the session
             deadline=session.deadline,
             expected_tokens=session.expected_tokens(len(drafts)),
             arrival=arrival,
@@ -678,7 +686,7 @@ class WispService(pb_grpc.WispServicer):
             verdict.next_token = commit.next_token
         features = result.verification.features
         if features is not None:  # rows from the first position this round computed, up to the newest token's
-            first = pending.shape.context_tokens + result.verification.reused_tokens
+            first = computed_shape(pending, result.verification).context_tokens
             verdict.features.CopyFrom(encode_features(first, features[: len(session.context) - 1 - first]))
         m = self.metrics
         m.rounds.inc()
@@ -686,8 +694,8 @@ class WispService(pb_grpc.WispServicer):
         m.accepted_tokens.inc(commit.num_accepted)
         m.output_tokens.inc(commit.num_accepted + (commit.next_token is not None))
         m.round_verified(session.device_kind, len(drafts), commit.num_accepted)
-        if pending.shape.context_tokens == 0:  # the session's first round: its context was looked up
-            m.prefix_cache_queries.inc(pending.shape.new_tokens - len(drafts))
+        if pending.first:  # its context was looked up in the prefix cache
+            m.prefix_cache_queries.inc(pending.shape.context_tokens + pending.shape.new_tokens - len(drafts))
             m.prefix_cache_hits.inc(result.verification.reused_tokens)
         if first_token:
             m.first_token(session.device_kind, session.first_token_at - session.opened_at)

@@ -350,6 +350,7 @@ class VllmVerificationEngine(VerificationEngine):
         self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
         core = self.engine.engine_core.engine_core
         self.scheduler = core.scheduler
+        self.block_hasher = core.request_block_hasher  # None without prefix caching
         runner = _runner(core.model_executor)
         self.tap = None if runner is None else FeatureTap(runner)
         self.proposal_tap = None if runner is None else ProposalTap(runner)
@@ -421,7 +422,27 @@ class VllmVerificationEngine(VerificationEngine):
     def uncached_tokens(self, session_id: str) -> int:
         with self._lock:
             session = self._sessions[session_id]
-        return len(session.context) if session.request_id is None else 1
+        if session.request_id is not None:
+            return 1
+        return len(session.context) - self._prefix_cache_hit(session)
+
+    def _prefix_cache_hit(self, session: _Session) -> int:
+        """Prompt tokens a new session would find in the prefix cache now, under the same limits as
+        `WispVllmScheduler`'s: the estimator must not price a follow-up turn's cached history as a prefill.
+        A read of the block pool from a gRPC thread, so an estimate: the engine may evict before the round."""
+        if self.block_hasher is None:  # prefix caching is off
+            return 0
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.v1.request import Request
+
+        probe = Request(
+            "wisp-probe", session.context, VllmSamplingParams(max_tokens=1), None, block_hasher=self.block_hasher
+        )
+        limit = max(0, len(session.context) - 2)
+        if session.features:
+            limit = min(limit, session.known_features)
+        _, hit, _ = self.scheduler.kv_cache_manager.coordinator.find_longest_cache_hit(probe.block_hashes, limit)
+        return hit
 
     # --- rounds (engine thread only) -----------------------------------------------
 
