@@ -98,7 +98,7 @@ def test_a_server_paced_edge_is_lossless_and_its_streamed_drafts_are_verified(se
     """The default draft streaming to a server that decodes at its own pace: the target's text, token for token,
     with drafts verified on the way (the draft is fast enough here to stay ahead of the steps)."""
     prompts = PROMPTS[:4]
-    edge = batch_edge(server.address, prompts, tmp_path, "paced", "--server-paced")
+    edge = batch_edge(server.address, prompts, tmp_path, "paced", "--pacing", "server")
     assert edge.wait(timeout=600) == 0
     target, expected = references
     for prompt, answer in zip(prompts, answers(tmp_path, "paced")):

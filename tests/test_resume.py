@@ -43,7 +43,7 @@ def test_a_server_killed_and_restarted_on_its_port_loses_nothing(
 ):
     port = free_port()
     client = edge_client(f"127.0.0.1:{port}", tiny_pair[1], smollm2_tokenizer)
-    client.server_paced = server_paced  # the server then decodes ahead of the edge: break it sooner
+    client.pacing = "server" if server_paced else "edge"  # server-paced, it decodes ahead of the edge: break sooner
     with tiny_server(tiny_pair[0], port) as first:
         run = Paced(client, after=10 if server_paced else 40, max_new_tokens=NEW_TOKENS, ignore_eos=True)
         run.wait_reached()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from wisp_common.models import load_causal_lm
 from wisp_common.request import Slo
+from wisp_edge.client import server_pacing_pays
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength, RoundTiming, verdict_labels
 from wisp_edge.drafter import DraftSignals, ModelDrafter
 from wisp_edge.lookup import PromptLookup
@@ -303,3 +304,42 @@ def test_a_drafter_whose_step_failed_midway_forgets_its_state_and_drafts_as_a_ne
     assert drafter.tokens == [] and drafter.known_features == 0
     drafter.start(context)
     assert drafter.draft(4) == expected
+
+
+@pytest.mark.parametrize(
+    ("step", "rtt", "draft", "paced"),
+    [
+        (0.040, 0.009, 0.0062, True),  # this CPU's target, a laptop on Wi-Fi: 27.6 ms of trip and drafts a step
+        (0.027, 0.0005, 0.00447, True),  # a Qwen3-32B step on an H200, a Jetson on the LAN
+        (0.004, 0.0002, 0.002, False),  # a tiny target: it steps before three drafts are ready
+        (0.040, 0.030, 0.004, False),  # a long round trip
+    ],
+)
+def test_auto_pacing_asks_the_server_to_pace_only_where_a_step_leaves_time_to_get_drafts_in(step, rtt, draft, paced):
+    assert server_pacing_pays(RoundTiming(rtt=rtt, verify=step, draft_token=draft)) is paced
+
+
+def test_auto_pacing_measures_the_server_in_an_edge_paced_session_then_picks_per_session(
+    tiny_server, tiny_pair, smollm2_tokenizer, target_model
+):
+    """The first session is edge-paced and measures the server's step, the round trip and the drafting; each next
+    one is paced as `server_pacing_pays` says on what the last measured. Either way the text is the target's."""
+    client = make_client(tiny_server[1], tiny_pair[1], smollm2_tokenizer, pacing="auto")
+    expected = reference_greedy(target_model, PROMPTS[0], 24)
+
+    def generate():
+        result = client.generate(PROMPTS[0], max_new_tokens=24, draft_tokens=4, ignore_eos=True)
+        assert result.token_ids == expected
+        return result.stats
+
+    assert client.measured is None and not generate().server_paced
+    measured = client.measured
+    assert measured.verify > 0 and measured.rtt > 0 and measured.draft_token > 0
+    assert generate().server_paced is server_pacing_pays(measured)
+    client.measured = RoundTiming(rtt=0.001, verify=1.0, draft_token=0.001)  # a slow server, a fast edge
+    stats = generate()
+    assert stats.server_paced and client.measured.rtt == 0.001  # a server-paced session does not measure the trip
+    client.measured = RoundTiming(rtt=0.01, verify=0.001, draft_token=0.01)  # a fast server, a slow edge
+    assert not generate().server_paced
+    with pytest.raises(ValueError, match="pacing must be one of auto, edge, server"):
+        make_client(tiny_server[1], tiny_pair[1], smollm2_tokenizer, pacing="fast")

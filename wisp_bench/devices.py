@@ -36,14 +36,15 @@ class Configuration:
     speculation: str | None  # the devices' mode: adaptive, fixed, or None (centralized: no drafting)
     pipeline: bool = False
     server_speculation: str = ""  # the server's own speculation for Generate (wisp-server --generate-speculation)
-    server_paced: bool = False  # the devices stream drafts to a server decoding at its own pace (wisp-edge)
+    pacing: str = "edge"  # who paces the devices' sessions (wisp-edge --pacing)
 
 
 CONFIGURATIONS = {
     c.name: c
     for c in (
-        Configuration("wisp", "wisp", "adaptive", pipeline=True),
-        Configuration("wisp-paced", "wisp", "adaptive", pipeline=True, server_paced=True),
+        Configuration("wisp", "wisp", "adaptive", pipeline=True, pacing="auto"),  # the default edge
+        Configuration("wisp-edge-paced", "wisp", "adaptive", pipeline=True),
+        Configuration("wisp-paced", "wisp", "adaptive", pipeline=True, pacing="server"),
         Configuration("sled", "sled", "fixed"),  # static batches, a fixed length (SLED)
         Configuration("fcfs", "fcfs", "fixed"),
         Configuration("centralized", "fcfs", None),  # the target alone: continuous batching of Generate streams
@@ -92,7 +93,7 @@ def run_device(
             pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name),
             run.predictor if run.configuration.speculation == "adaptive" else None,
             run.configuration.pipeline,
-            run.configuration.server_paced,
+            run.configuration.pacing,
         )
     stub = pb_grpc.WispStub(channel)
     try:
@@ -131,7 +132,7 @@ def replayed_edge(
     device: pb.DeviceInfo | None,
     predictor: AcceptancePredictor | None,
     pipeline: bool,
-    server_paced: bool = False,
+    pacing: str = "edge",
 ) -> EdgeClient:
     """The real edge with a `ReplayDrafter`. With a ``predictor`` it is adaptive (its own copy of the predictor, as
     each real edge has) and lets the server decode where no draft pays, as WISP's edges do; without one it drafts
@@ -141,9 +142,7 @@ def replayed_edge(
     if predictor is None:
         return EdgeClient(channel, drafter, identity, device, FixedLength, pipeline)
     mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))
-    return EdgeClient(
-        channel, drafter, identity, device, mode, pipeline, server_decoding=True, server_paced=server_paced
-    )
+    return EdgeClient(channel, drafter, identity, device, mode, pipeline, server_decoding=True, pacing=pacing)
 
 
 def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:

@@ -135,7 +135,7 @@ def validate(
     edges: int = 2,
 ) -> list[Comparison]:
     common = ["--draft-model", draft_model, "--dtype", "float32", "--draft-tokens", str(draft_tokens)]
-    common += ["--max-new-tokens", str(max_new_tokens)]
+    common += ["--max-new-tokens", str(max_new_tokens), "--pacing", "edge"]  # a verdict answers each round
     comparisons = []
     for mode in modes:
         adaptive = mode == "adaptive"

@@ -22,6 +22,7 @@ DEFAULT_DRAFT = "smollm2-135m-wisp-draft"
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: bfloat16 where the device computes in it, else float32
+PACINGS = ("auto", "edge", "server")  # who paces a speculation session's steps (wisp_edge.client)
 
 # gRPC refuses messages over 4 MiB by default. A verdict with target features carries 2 bytes x hidden size per
 # token, and the first one the whole context: a hidden size of 4096 and 8192 tokens is 64 MiB.
@@ -195,10 +196,12 @@ class EdgeConfig:
     server_decoding: bool = _opt(
         True, "adaptive: where no draft pays at the server's load, let it decode the session itself (no round trips)"
     )
-    server_paced: bool = _opt(
-        False,
-        "server-paced speculation: the server decodes at its own pace and verifies the drafts this edge streams, "
-        "never waiting for its drafting or round trip (pays where a server step is short against the round trip)",
+    pacing: str = _opt(
+        "auto",
+        "edge: each round waits for this edge's drafts; server: the server decodes at its own pace and verifies the "
+        "drafts this edge streams; auto: server where a server step outlasts this edge's round trip plus a few "
+        "drafts, measured in its sessions (the first is edge-paced)",
+        PACINGS,
     )
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")

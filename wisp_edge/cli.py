@@ -109,7 +109,7 @@ def build_clients(config: EdgeConfig, count: int, wait_when_full: bool = True):
             config.pipeline,
             server_decoding,
             resume,
-            config.server_paced,
+            config.pacing,
         )
         for _ in range(count)
     ]
@@ -187,7 +187,7 @@ def cmd_calibrate(config: EdgeConfig, args: argparse.Namespace) -> int:
         prompts = training_prompts(args.limit, seed=1)
     client, tokenizer = build_client(config)
     client.speculation, client.pipeline, client.round_log = FixedLength, False, []  # long rounds: labels deep in them
-    client.server_decoding = client.server_paced = False
+    client.server_decoding, client.pacing = False, "edge"
     for index, prompt in enumerate(prompts):
         result = generate_one(client, tokenizer, config, prompt)
         summary = {"finish_reason": result.finish_reason, **result.stats.summary()}

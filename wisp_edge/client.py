@@ -8,10 +8,11 @@ be accepted; that work is kept when the verdict proves it right (all drafts
 accepted and the bonus token guessed), else dropped. Callers see only
 committed tokens, which are exactly the target's own.
 
-Server-paced (``server_paced``), the edge does not wait for verdicts to send:
+Server-paced (``pacing``), the edge does not wait for verdicts to send:
 the server decodes the session step after step, and the edge streams its
 newest drafts (a run as far as the controller trusts) for the server to
-verify in whichever step comes next.
+verify in whichever step comes next. ``pacing="auto"`` chooses per session
+from what the edge measured of this server (`server_pacing_pays`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from wisp_common.config import EdgeConfig
+from wisp_common.config import PACINGS, EdgeConfig
 from wisp_common.features import decode_features
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
@@ -40,6 +41,17 @@ log = logging.getLogger(__name__)
 # Server-paced: a streamed round drafts this many tokens beyond what a step verifies, since the step in flight
 # when it arrives commits about that many first.
 PACE_LEAD = 2
+
+
+def server_pacing_pays(timing: RoundTiming) -> bool:
+    """Whether a server-paced session would get drafts verified: a streamed round must reach the server before the
+    step after the one in flight is queued, so within one step the verdict comes back, the edge drafts the
+    `PACE_LEAD` + 1 tokens a fitting round needs, and the round goes out. Where a server steps faster than that
+    (a small target, a slow edge) it would decode alone while the edge drafts for nothing, and rounds paced by the
+    edge are better. ``timing``: the server's step (its estimated verification) and the edge's round trip and
+    time per draft, as measured in its last edge-paced session."""
+    return timing.verify > timing.rtt + (PACE_LEAD + 1) * timing.draft_token
+
 
 # Statuses after which a session is resumed on a new stream: the server is gone, restarting, draining, full or
 # overdue. Others (a bad request, a failed batch: INTERNAL) would fail again the same way.
@@ -148,6 +160,7 @@ class GenerationStats:
     round_trip_seconds: float = 0.0  # from sending each round to its verdict's arrival
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
+    server_paced: bool = False  # the server paced this session's steps (`EdgeClient.pacing`)
     resumes: int = 0  # new streams after a broken one (server restarted or gone, draining, full, overdue)
     # Each round that carried drafts, in order: drafts sent and accepted (vLLM's per_step_drafted/_accepted).
     per_step_drafted: list[int] = field(default_factory=list)
@@ -187,7 +200,7 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.generated / self.wall_seconds if self.wall_seconds else 0.0
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | bool]:
         return {
             "tokens": self.generated,
             "rounds": self.rounds,
@@ -198,6 +211,7 @@ class GenerationStats:
             "pipelined": self.pipelined,
             "pipelined_kept": self.pipelined_kept,
             "server_decoded": self.server_decoded,
+            "server_paced": self.server_paced,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "tokens_per_round": round(self.tokens_per_round, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -255,10 +269,12 @@ class EdgeClient:
         pipeline: bool = False,
         server_decoding: bool = False,
         resume: ResumePolicy = ResumePolicy(),
-        server_paced: bool = False,
+        pacing: str = "edge",
     ):
         """``server_decoding``: let the server decode the session itself where no draft pays at its load.
-        ``server_paced``: let the server decode at its own pace, verifying the drafts the edge streams.
+        ``pacing`` (`wisp_common.config.PACINGS`): "edge", each round waits for the edge's drafts; "server", the
+        server decodes at its own pace, verifying the drafts the edge streams; "auto", the first session edge-paced,
+        then server-paced where `server_pacing_pays` on the figures the last edge-paced session measured.
 
         ``channel`` may spread calls over several servers (`wisp_edge.connection.BalancedChannel`): a resumed
         session is a new call, so it starts on another server where the first is gone."""
@@ -270,7 +286,10 @@ class EdgeClient:
         self.speculation = speculation
         self.pipeline = pipeline
         self.server_decoding = server_decoding
-        self.server_paced = server_paced
+        if pacing not in PACINGS:
+            raise ValueError(f"pacing must be one of {', '.join(PACINGS)}, not {pacing!r}")
+        self.pacing = pacing
+        self.measured: RoundTiming | None = None  # this server's step and this edge's trip and drafting, last seen
         # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
         self.round_log: list[tuple[list, int, int]] | None = None
 
@@ -310,7 +329,7 @@ class EdgeClient:
                 device=self.device,
                 return_features=self.drafter.wants_features,
                 accept_server_decoding=self.server_decoding,
-                server_paced=self.server_paced,
+                server_paced=self.server_paced(),
             ),
             max_new_tokens=max_new_tokens,
             draft_tokens=draft_tokens,
@@ -319,12 +338,27 @@ class EdgeClient:
             started=time.monotonic(),
         )
         try:
-            return self._resuming(run, stats, cancellation)
+            result = self._resuming(run, stats, cancellation)
         except grpc.RpcError:
             raise  # the server's or the network's: the drafter's state is whole, a retried turn reuses it
         except BaseException:
             self.drafter.forget()  # a drafting step may have raised midway: the next request starts afresh
             raise
+        self._remember(run)
+        return result
+
+    def server_paced(self) -> bool:
+        """Whether the next session is server-paced (`pacing`)."""
+        if self.pacing == "auto":
+            return self.measured is not None and server_pacing_pays(self.measured)
+        return self.pacing == "server"
+
+    def _remember(self, run: _Run) -> None:
+        """Keeps what auto pacing decides by: the server's step and the edge's time per draft from any session,
+        the round trip from an edge-paced one (a server-paced session does not wait on it, so does not measure it)."""
+        timing, earlier = run.timing, self.measured
+        rtt = earlier.rtt if run.open.server_paced and earlier is not None else timing.rtt
+        self.measured = RoundTiming(rtt=rtt, verify=timing.verify, draft_token=timing.draft_token)
 
     def _resuming(self, run: _Run, stats: GenerationStats, cancellation: Cancellation | None) -> GenerationResult:
         """Runs the session, resuming it on a new stream each time one breaks, until it finishes or gives up."""
@@ -376,7 +410,8 @@ class EdgeClient:
             limit = min(run.draft_tokens, opened.max_draft_tokens)
             if run.controller is None or run.controller.max_drafts != limit:
                 run.controller = self.speculation(limit)
-            if self.server_paced:
+            stats.server_paced = run.open.server_paced
+            if run.open.server_paced:
                 verdict = self._paced(run, stats, requests, inbox, opened)
             else:
                 verdict = self._rounds(run, stats, requests, inbox, opened.position)
