@@ -337,6 +337,7 @@ class EdgeClient:
             timing=RoundTiming(),
             started=time.monotonic(),
         )
+        stats.server_paced = run.open.server_paced
         try:
             result = self._resuming(run, stats, cancellation)
         except grpc.RpcError:
@@ -410,7 +411,6 @@ class EdgeClient:
             limit = min(run.draft_tokens, opened.max_draft_tokens)
             if run.controller is None or run.controller.max_drafts != limit:
                 run.controller = self.speculation(limit)
-            stats.server_paced = run.open.server_paced
             if run.open.server_paced:
                 verdict = self._paced(run, stats, requests, inbox, opened)
             else:

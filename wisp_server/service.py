@@ -666,7 +666,6 @@ class WispService(pb_grpc.WispServicer):
             raise RequestError(
                 grpc.StatusCode.INTERNAL, f"verification failed: {error!r}; the session is closed"
             ) from None
-        first_token = session.first_token_at is None
         commit = session.commit(drafts, result.verification)
         verdict = pb.Verdict(
             round=round_number,
@@ -697,7 +696,7 @@ class WispService(pb_grpc.WispServicer):
         if pending.first:  # its context was looked up in the prefix cache
             m.prefix_cache_queries.inc(pending.shape.context_tokens + pending.shape.new_tokens - len(drafts))
             m.prefix_cache_hits.inc(result.verification.reused_tokens)
-        if first_token:
+        if pending.first:
             m.first_token(session.device_kind, session.first_token_at - session.opened_at)
         waited = result.queue_seconds + result.verify_seconds  # from arrival to the batch's end
         m.round_overhead_seconds.observe(time.monotonic() - pending.arrival - waited)

@@ -137,6 +137,13 @@ class NullProposer:
         return [[] for _ in sampled_token_ids]
 
 
+def reuse_limit(tokens: int, known_features: int | None) -> int:
+    """The most of a new request's ``tokens`` it may take from the prefix cache: all but two (it computes at
+    least two, see `WispVllmScheduler`), and for a session with features, no more than its edge kept."""
+    limit = max(0, tokens - 2)
+    return limit if known_features is None else min(limit, known_features)
+
+
 def _scheduler_class():
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -170,7 +177,7 @@ def _scheduler_class():
 
         def _get_local_prefix_cache_hit(self, request):
             blocks, hit, boundary, diverged = super()._get_local_prefix_cache_hit(request)
-            limit = min(self.hit_limits.get(request.request_id, hit), max(0, request.num_tokens - 2))
+            limit = reuse_limit(request.num_tokens, self.hit_limits.get(request.request_id))
             if hit > limit:  # look again, for the longest hit within the limit
                 manager = self.kv_cache_manager
                 found, hit, uncached = manager.coordinator.find_longest_cache_hit(request.block_hashes, limit)
@@ -438,9 +445,7 @@ class VllmVerificationEngine(VerificationEngine):
         probe = Request(
             "wisp-probe", session.context, VllmSamplingParams(max_tokens=1), None, block_hasher=self.block_hasher
         )
-        limit = max(0, len(session.context) - 2)
-        if session.features:
-            limit = min(limit, session.known_features)
+        limit = reuse_limit(len(session.context), session.known_features if session.features else None)
         _, hit, _ = self.scheduler.kv_cache_manager.coordinator.find_longest_cache_hit(probe.block_hashes, limit)
         return hit
 
