@@ -6,6 +6,7 @@ import json
 import math
 import random
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -317,6 +318,27 @@ def test_a_drafter_whose_step_failed_midway_forgets_its_state_and_drafts_as_a_ne
 )
 def test_auto_pacing_asks_the_server_to_pace_only_where_a_step_leaves_time_to_get_drafts_in(step, rtt, draft, paced):
     assert server_pacing_pays(RoundTiming(rtt=rtt, verify=step, draft_token=draft)) is paced
+
+
+def test_the_edge_measures_the_trip_apart_from_the_servers_handling(
+    tiny_server, tiny_pair, smollm2_tokenizer, target_model, monkeypatch
+):
+    """A server slow to answer after verifying (here each verdict's hints take 60 ms more, an injected stall) is
+    not a long network trip: the verdict says how long the round spent at the server, and the edge's measured
+    round trip is only the rest (loopback: a few ms), so auto pacing is not misled by a loaded server's host."""
+    server, address = tiny_server
+    hints = server.service._hints
+
+    def slow_hints(session):
+        time.sleep(0.06)
+        return hints(session)
+
+    monkeypatch.setattr(server.service, "_hints", slow_hints)
+    client = make_client(address, tiny_pair[1], smollm2_tokenizer, pacing="edge")
+    result = client.generate(PROMPTS[0], max_new_tokens=12, draft_tokens=4, ignore_eos=True)
+    assert result.token_ids == reference_greedy(target_model, PROMPTS[0], 12)
+    assert result.stats.round_trip_seconds / result.stats.rounds >= 0.06  # the wall time did include the stall
+    assert 0 < client.measured.rtt < 0.03
 
 
 def test_auto_pacing_measures_the_server_in_an_edge_paced_session_then_picks_per_session(

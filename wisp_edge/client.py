@@ -452,7 +452,10 @@ class EdgeClient:
             else:
                 # Up to the verdict's arrival: a draft step running then is the edge's time, not the trip's.
                 stats.round_trip_seconds += arrived - sent_at
-                round_trip = arrived - sent_at - verdict.timings.queue_seconds - verdict.timings.verify_seconds
+                # The network's part: the server's handling on a loaded host is not a trip the edge could save.
+                spent = verdict.timings
+                at_server = spent.server_seconds or spent.queue_seconds + spent.verify_seconds
+                round_trip = arrived - sent_at - at_server
                 timing.rtt = 0.8 * timing.rtt + 0.2 * max(0.0, round_trip) if stats.rounds else max(0.0, round_trip)
                 controller.observe(signals, count, verdict.num_accepted)
             server_decoding = verdict.server_decoding

@@ -270,16 +270,21 @@ class WispService(pb_grpc.WispServicer):
         return streamed.drafts[start:end], streamed.proposals[start:end]
 
     def _decode_steps(
-        self, session: Session, queue_step: Callable[[], PendingRound | None], context: grpc.ServicerContext
+        self,
+        session: Session,
+        queue_step: Callable[[], PendingRound | None],
+        context: grpc.ServicerContext,
+        advise: bool = True,
     ) -> Iterator[tuple[pb.Verdict, PendingRound]]:
         """Continuous batching: the session's steps, each queued before the last one's verdict is answered, so
-        the next batch has it. ``queue_step`` queues one (None: the session ends after this verdict)."""
+        the next batch has it. ``queue_step`` queues one (None: the session ends after this verdict); ``advise``:
+        the verdicts carry hints (a `Generate` stream has no edge to advise)."""
         in_flight = queue_step()
         try:
             while in_flight is not None:
                 current, in_flight = in_flight, None
                 try:
-                    verdict = self._verdict(session, 0, current)
+                    verdict = self._verdict(session, 0, current, advise)
                     if not verdict.finished and context.is_active():
                         in_flight = queue_step()
                     yield verdict, current
@@ -382,7 +387,7 @@ class WispService(pb_grpc.WispServicer):
             if isinstance(request, MalformedRequest):
                 raise request.refusal()
             session = self._start_session(request.prompt_token_ids, [], request.sampling, request.stop, request.slo)
-            steps = self._decode_steps(session, partial(self._queue_generate_step, session), context)
+            steps = self._decode_steps(session, partial(self._queue_generate_step, session), context, advise=False)
             with contextlib.closing(steps):  # a step still queued is settled before the session closes
                 for verdict, step in steps:
                     accepted = list(step.request.drafts[: verdict.num_accepted])
@@ -652,8 +657,9 @@ class WispService(pb_grpc.WispServicer):
         drafts = self.ngram.propose(session.context, session.room) if self.ngram else []
         return self._queue(session, tuple(drafts), ())
 
-    def _verdict(self, session: Session, round_number: int, pending: PendingRound) -> pb.Verdict:
-        """Waits for the round's verification, commits it to the session and builds the verdict."""
+    def _verdict(self, session: Session, round_number: int, pending: PendingRound, advise: bool = True) -> pb.Verdict:
+        """Waits for the round's verification, commits it to the session and builds the verdict, with hints for
+        the edge's next round where ``advise``."""
         drafts = pending.request.drafts
         try:
             result = pending.future.result()
@@ -679,7 +685,7 @@ class WispService(pb_grpc.WispServicer):
                 verify_seconds=result.verify_seconds,
                 batch_size=result.batch_size,
             ),
-            hints=self._hints(session),
+            hints=self._hints(session) if advise else None,
         )
         if commit.next_token is not None:
             verdict.next_token = commit.next_token
@@ -699,7 +705,8 @@ class WispService(pb_grpc.WispServicer):
         if pending.first:
             m.first_token(session.device_kind, session.first_token_at - session.opened_at)
         waited = result.queue_seconds + result.verify_seconds  # from arrival to the batch's end
-        m.round_overhead_seconds.observe(time.monotonic() - pending.arrival - waited)
+        verdict.timings.server_seconds = time.monotonic() - pending.arrival  # the verdict is built: it goes now
+        m.round_overhead_seconds.observe(verdict.timings.server_seconds - waited)
         return verdict
 
     def _hints(self, session: Session) -> pb.Hints:

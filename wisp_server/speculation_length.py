@@ -19,7 +19,9 @@ from wisp_server.estimator import SequenceShape
 def expected_tokens(acceptance: float, drafts: int) -> float:
     """Tokens a round of ``drafts`` drafts commits: the correction or bonus, plus each draft reached and accepted
     (1 + a + a^2 + ... + a^drafts, drafts accepted independently with probability a)."""
-    return sum(acceptance**i for i in range(drafts + 1))
+    if acceptance >= 1.0:
+        return drafts + 1.0
+    return (1.0 - acceptance ** (drafts + 1)) / (1.0 - acceptance)
 
 
 def goodput_optimal_drafts(

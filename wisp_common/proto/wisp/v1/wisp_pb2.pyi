@@ -139,14 +139,16 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., target_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., position: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_seconds", "verify_seconds", "batch_size")
+    __slots__ = ("queue_seconds", "verify_seconds", "batch_size", "server_seconds")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     verify_seconds: float
     batch_size: int
-    def __init__(self, queue_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    server_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., server_seconds: _Optional[float] = ...) -> None: ...
 
 class Hints(_message.Message):
     __slots__ = ("suggested_draft_tokens", "active_sessions", "est_queue_seconds", "est_verify_seconds")
