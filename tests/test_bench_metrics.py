@@ -207,7 +207,7 @@ def test_speculation_figures():
     ]
     s = summarize(traces)
     assert s.acceptance_rate == pytest.approx((12 + 2) / (16 + 8))
-    assert s.tokens_per_round == pytest.approx((16 + 6) / (4 + 2))  # speculative requests only
+    assert s.tokens_per_round == pytest.approx((16 + 6 - 2) / (4 + 2))  # what rounds committed, per round
     assert s.wasted_draft_tokens == (20 - 12) + (10 - 2)
     assert s.mean_edge_idle_s == pytest.approx(0.2)
     assert s.server_decoded_share == pytest.approx((0 + 2 + 4) / (16 + 6 + 4))

@@ -329,9 +329,9 @@ def test_the_edge_measures_the_trip_apart_from_the_servers_handling(
     server, address = tiny_server
     hints = server.service._hints
 
-    def slow_hints(session):
+    def slow_hints(*args):
         time.sleep(0.06)
-        return hints(session)
+        return hints(*args)
 
     monkeypatch.setattr(server.service, "_hints", slow_hints)
     client = make_client(address, tiny_pair[1], smollm2_tokenizer, pacing="edge")

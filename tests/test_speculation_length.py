@@ -7,10 +7,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wisp_common.request import SamplingParams, StopCondition
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength, RoundTiming
 from wisp_edge.drafter import DraftSignals
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator
-from wisp_server.speculation_length import expected_tokens, goodput_optimal_drafts
+from wisp_server.session import Session
+from wisp_server.speculation_length import Load, expected_tokens, goodput_optimal_drafts
 
 
 def linear_cost(launch: float, per_sequence: float, per_token: float):
@@ -78,6 +80,36 @@ def test_estimates_with_others_equal_the_estimate_of_the_whole_batch(padded):
     with_others = estimator.with_others(others)
     for shape in (SequenceShape(100, 1), SequenceShape(900, 9)):
         assert with_others(shape) == pytest.approx(estimator.estimate([*others, shape]))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_hint_weighs_the_session_against_the_rest_of_the_load_as_the_whole_batch_would(padded):
+    """`Load` (taken once per batch) gives each session the others' tokens and the batch time with its round added,
+    as summing the other sessions would; past the batch limit, a typical limit's worth of them."""
+    estimator = VerificationTimeEstimator(padded=padded)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        batch = [SequenceShape(int(rng.integers(0, 500)), int(rng.integers(1, 9))) for _ in range(rng.integers(1, 9))]
+        estimator.observe(batch, 0.01 + 0.001 * sum(s.new_tokens for s in batch) + 0.002 * len(batch))
+    sessions = []
+    for index in range(5):
+        session = Session(f"s{index}", 10, list(range(40 * index + 10)), SamplingParams(), StopCondition(64), 4096)
+        session.next_drafts, session.drafted, session.accepted = index, 10 * index, 4 * index
+        sessions.append(session)
+    load = Load.of(sessions)
+    me, rest = sessions[2], [s for s in sessions if s is not sessions[2]]
+    shapes = [SequenceShape(len(s.context), 1 + s.next_drafts) for s in rest]
+    tokens, seconds = load.others(me.session_id, estimator, room=8)
+    assert tokens == pytest.approx(sum(s.expected_tokens(s.next_drafts) for s in rest))
+    for shape in (SequenceShape(len(me.context), 1), SequenceShape(len(me.context), 5)):
+        assert seconds(shape) == pytest.approx(estimator.estimate([*shapes, shape]))
+    if not padded:  # 2 of the 4 others fit beside it: half of their tokens and of their cost beyond the launch
+        tokens, seconds = load.others(me.session_id, estimator, room=2)
+        assert tokens == pytest.approx(sum(s.expected_tokens(s.next_drafts) for s in rest) / 2)
+        shape = SequenceShape(len(me.context), 1)
+        launch = estimator.estimate([shape]) - estimator.sequence_cost(shape)
+        own = estimator.sequence_cost(shape)
+        assert seconds(shape) - launch - own == pytest.approx((estimator.estimate([*shapes, shape]) - launch - own) / 2)
 
 
 def confident() -> DraftSignals:

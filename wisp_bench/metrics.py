@@ -191,7 +191,7 @@ class RunSummary:
     request_goodput: float | None  # DistServe / vllm --goodput: req/s that met both SLOs
     token_goodput: float | None  # WISP: output tok/s of requests that met both SLOs
     acceptance_rate: float | None  # accepted / sent draft tokens
-    tokens_per_round: float | None  # output tokens of speculative requests / their rounds
+    tokens_per_round: float | None  # tokens verification rounds committed / those rounds (server-decoded: neither)
     wasted_draft_tokens: int  # drafted - accepted
     mean_edge_idle_s: float | None  # mean idle_seconds of speculative requests
     server_decoded_share: float | None  # server_decoded / total_output_tokens
@@ -306,7 +306,9 @@ def summarize(
         request_goodput=_rate(len(met), span),
         token_goodput=_rate(sum(t.output_tokens for t in met), span),
         acceptance_rate=_ratio(sum(t.accepted for t in done), sum(t.sent for t in done)),
-        tokens_per_round=_ratio(sum(t.output_tokens for t in speculative), sum(t.rounds for t in speculative)),
+        tokens_per_round=_ratio(
+            sum(t.output_tokens - t.server_decoded for t in speculative), sum(t.rounds for t in speculative)
+        ),
         wasted_draft_tokens=sum(t.drafted - t.accepted for t in done),
         mean_edge_idle_s=float(np.mean([t.idle_seconds for t in speculative])) if speculative else None,
         server_decoded_share=_ratio(sum(t.server_decoded for t in done), out_tokens),

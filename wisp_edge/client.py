@@ -194,7 +194,8 @@ class GenerationStats:
 
     @property
     def tokens_per_round(self) -> float:
-        return self.generated / self.rounds if self.rounds else 0.0
+        """Tokens the verification rounds committed, per round: the server's own steps are neither."""
+        return (self.generated - self.server_decoded) / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -512,7 +513,7 @@ class EdgeClient:
             features = decode_features(verdict.features) if verdict.HasField("features") else None
             drafter.advance(committed, features)
             position = verdict.position
-            stats.rounds += 1  # every step verifies the session, with drafts or without
+            stats.rounds += verdict.num_drafts > 0  # verification rounds: a step without drafts is the server's own
             stats.server_decoded += verdict.num_drafts == 0 and verdict.HasField("next_token")
             self._take(run, stats, verdict, committed, verdict.num_drafts)
             if verdict.finished:

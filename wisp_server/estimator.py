@@ -85,10 +85,22 @@ class VerificationTimeEstimator:
         counted once (a padded engine's batch is re-measured per candidate, since its widest may change)."""
         if self.padded:
             return lambda shape: self.estimate([*others, shape])
-        base = features(others)
+        return self.with_features(features(others))
+
+    def with_features(self, base: np.ndarray) -> Callable[[SequenceShape], float]:
+        """`with_others` from the others' `features`, already summed (an engine that does not pad): a candidate
+        costs a few float operations, since every verdict's hint tries one per number of drafts."""
         with self._lock:
-            coef = self._coef.copy()
-        return lambda shape: max(0.0, float((base + sequence_features(shape)) @ coef))
+            _, per_sequence, per_token, per_attention, per_prefill = self._coef
+            fixed = float(base @ self._coef) + per_sequence
+
+        def seconds(shape: SequenceShape) -> float:
+            context, new = shape.context_tokens, shape.new_tokens
+            attention = new * (context + new / 2) / 1000
+            prefill = new if context == 0 else 0
+            return max(0.0, fixed + per_token * new + per_attention * attention + per_prefill * prefill)
+
+        return seconds
 
     def sequence_cost(self, shape: SequenceShape) -> float:
         """Seconds one sequence adds to any batch: the model is linear, so this does not depend on the batch.

@@ -89,6 +89,7 @@ class RoundResult:
     queue_seconds: float
     verify_seconds: float
     batch_size: int
+    batch: int  # the batch's number: the verdicts of one batch share it
 
 
 def computed_shape(pending: PendingRound, verdict: RoundVerdict) -> SequenceShape:
@@ -303,6 +304,7 @@ class BatchScheduler:
         self._expected: dict[str, ExpectedRound] = {}  # by session: rounds due back soon
         self._cond = threading.Condition()
         self._stopped = False
+        self.batches = 0  # batches verified so far
         self._thread = threading.Thread(target=self._run, name="wisp-engine", daemon=True)
         self.metrics.rounds_waiting.set_function(lambda: len(self._waiting))
         self.metrics.kv_cache_usage.set_function(engine.kv_cache_usage)
@@ -403,8 +405,11 @@ class BatchScheduler:
                 pending.future.set_exception(error)
             return
         elapsed = time.monotonic() - start
+        self.batches += 1
         for pending, verification in zip(batch, verifications):
-            pending.future.set_result(RoundResult(verification, start - pending.arrival, elapsed, len(batch)))
+            pending.future.set_result(
+                RoundResult(verification, start - pending.arrival, elapsed, len(batch), self.batches)
+            )
         handoff_until = time.monotonic() + HANDOFF_TIMEOUT_SECONDS
         for pending in batch:  # waiting releases the GIL: the handlers run now, not behind the next batch
             pending.handled.wait(max(0.0, handoff_until - time.monotonic()))

@@ -52,7 +52,7 @@ from wisp_server.scheduler import (
     computed_shape,
 )
 from wisp_server.session import Session
-from wisp_server.speculation_length import goodput_optimal_drafts
+from wisp_server.speculation_length import Load, goodput_optimal_drafts
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class WispService(pb_grpc.WispServicer):
         self._inboxes: dict[str, queue.Queue] = {}  # by session: its stream's requests, and _GONE / _DRAIN
         self._draining = False
         self._lock = threading.Lock()
+        self._load: tuple[int, Load] | None = None  # the open sessions' load, as the verdicts of one batch see it
 
     # --- RPCs -----------------------------------------------------------------
 
@@ -685,7 +686,7 @@ class WispService(pb_grpc.WispServicer):
                 verify_seconds=result.verify_seconds,
                 batch_size=result.batch_size,
             ),
-            hints=self._hints(session) if advise else None,
+            hints=self._hints(session, result.batch) if advise else None,
         )
         if commit.next_token is not None:
             verdict.next_token = commit.next_token
@@ -709,26 +710,23 @@ class WispService(pb_grpc.WispServicer):
         m.round_overhead_seconds.observe(verdict.timings.server_seconds - waited)
         return verdict
 
-    def _hints(self, session: Session) -> pb.Hints:
+    def _hints(self, session: Session, batch: int) -> pb.Hints:
         """What the edge's controller needs to size its next round: the goodput-optimal number of drafts at this
-        load, and what the round is expected to spend waiting and being verified."""
+        load (the open sessions as the verdicts of ``batch`` see them), and what the round is expected to spend
+        waiting and being verified."""
         with self._lock:
-            sessions = list(self._sessions.values())
-        others = [s for s in sessions if s is not session][: self.config.max_batch_sessions - 1]
-        batch_seconds = self.scheduler.estimator.with_others(
-            [SequenceShape(len(s.context), 1 + s.next_drafts) for s in others]
-        )
+            if self._load is None or self._load[0] != batch:
+                self._load = (batch, Load.of(self._sessions.values()))
+            load = self._load[1]
+        estimator = self.scheduler.estimator
+        others_tokens, batch_seconds = load.others(session.session_id, estimator, self.config.max_batch_sessions - 1)
         session.next_drafts = goodput_optimal_drafts(
-            session.acceptance,
-            len(session.context),
-            self.config.max_draft_tokens,
-            sum(s.expected_tokens(s.next_drafts) for s in others),
-            batch_seconds,
+            session.acceptance, len(session.context), self.config.max_draft_tokens, others_tokens, batch_seconds
         )
         return pb.Hints(
             suggested_draft_tokens=session.next_drafts,
-            active_sessions=len(sessions),
-            est_queue_seconds=self.scheduler.estimator.estimate(self.scheduler.waiting_shapes()),
+            active_sessions=len(load.shapes),
+            est_queue_seconds=estimator.estimate(self.scheduler.waiting_shapes()),
             est_verify_seconds=batch_seconds(SequenceShape(len(session.context), 1 + session.next_drafts)),
         )
 
