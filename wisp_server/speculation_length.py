@@ -69,6 +69,7 @@ class Load:
 
     @classmethod
     def of(cls, sessions: Iterable[Session]) -> Load:
+        sessions = list(sessions)
         shapes = {s.session_id: SequenceShape(len(s.context), 1 + s.next_drafts) for s in sessions}
         tokens = {s.session_id: s.expected_tokens(s.next_drafts) for s in sessions}
         return cls(shapes, tokens, features(list(shapes.values())), sum(tokens.values()))
