@@ -96,7 +96,7 @@ def test_a_hint_weighs_the_session_against_the_rest_of_the_load_as_the_whole_bat
         session = Session(f"s{index}", 10, list(range(40 * index + 10)), SamplingParams(), StopCondition(64), 4096)
         session.next_drafts, session.drafted, session.accepted = index, 10 * index, 4 * index
         sessions.append(session)
-    load = Load.of(sessions)
+    load = Load.of(s.next_round for s in sessions)
     me, rest = sessions[2], [s for s in sessions if s is not sessions[2]]
     shapes = [SequenceShape(len(s.context), 1 + s.next_drafts) for s in rest]
     tokens, seconds = load.others(me.session_id, estimator, room=8)

@@ -716,7 +716,7 @@ class WispService(pb_grpc.WispServicer):
         waiting and being verified."""
         with self._lock:
             if self._load is None or self._load[0] != batch:
-                self._load = (batch, Load.of(self._sessions.values()))
+                self._load = (batch, Load.of(s.next_round for s in self._sessions.values()))
             load = self._load[1]
         estimator = self.scheduler.estimator
         others_tokens, batch_seconds = load.others(session.session_id, estimator, self.config.max_batch_sessions - 1)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, Slo, StopCondition
 from wisp_common.verification import Verification
-from wisp_server.speculation_length import expected_tokens
+from wisp_server.estimator import SequenceShape
+from wisp_server.speculation_length import NextRound, expected_tokens
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,15 @@ class Session:
     def expected_tokens(self, drafts: int) -> float:
         """Tokens a round with ``drafts`` drafts is expected to commit."""
         return expected_tokens(self.acceptance, drafts)
+
+    @property
+    def next_round(self) -> NextRound:
+        """Its next round as the last hint sized it, for the server's `Load`."""
+        return NextRound(
+            self.session_id,
+            SequenceShape(len(self.context), 1 + self.next_drafts),
+            self.expected_tokens(self.next_drafts),
+        )
 
     @property
     def deadline(self) -> float:

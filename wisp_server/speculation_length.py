@@ -13,14 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from wisp_server.estimator import SequenceShape, VerificationTimeEstimator, features, sequence_features
-
-if TYPE_CHECKING:
-    from wisp_server.session import Session
 
 
 def expected_tokens(acceptance: float, drafts: int) -> float:
@@ -55,6 +51,15 @@ def goodput_optimal_drafts(
 
 
 @dataclass(frozen=True)
+class NextRound:
+    """A session's next round as its last hint sized it: what `Load` reads of each open session."""
+
+    session_id: str
+    shape: SequenceShape
+    tokens: float  # what the round is expected to commit
+
+
+@dataclass(frozen=True)
 class Load:
     """Every open session's next round, as the verdicts of one batch see them (`of`, once per batch).
 
@@ -68,10 +73,10 @@ class Load:
     total_tokens: float
 
     @classmethod
-    def of(cls, sessions: Iterable[Session]) -> Load:
-        sessions = list(sessions)
-        shapes = {s.session_id: SequenceShape(len(s.context), 1 + s.next_drafts) for s in sessions}
-        tokens = {s.session_id: s.expected_tokens(s.next_drafts) for s in sessions}
+    def of(cls, rounds: Iterable[NextRound]) -> Load:
+        rounds = list(rounds)
+        shapes = {r.session_id: r.shape for r in rounds}
+        tokens = {r.session_id: r.tokens for r in rounds}
         return cls(shapes, tokens, features(list(shapes.values())), sum(tokens.values()))
 
     def others(
