@@ -26,11 +26,11 @@
    fixed length and with the adaptive controller, in turns prompt by prompt:
    tokens per second of its wall time (the edge's and the server's time, all
    of it), the measure by which the controller must match the best length.
-6. sampled (only when asked for): tokens per round of sampled sessions at
-   each of --temperatures, the draft and prompt lookup at a fixed length
-   (--sampled-length; 0: the speculation controller), with the drafts'
-   probabilities sent (the server accepts a draft with min(1, p/q)) and
-   without (point masses: p).
+6. sampled (only when asked for): tokens per round and per second of
+   sampled sessions at each of --temperatures, the draft and prompt lookup at
+   a fixed length (--sampled-length; 0: none) and with the speculation
+   controller, with the drafts' probabilities sent (the server accepts a
+   draft with min(1, p/q)) and without (point masses: p).
 
     python -m benchmarks.draft_quality                     # the default pair
     python -m benchmarks.draft_quality --draft-model DIR --server-prompts 20
@@ -283,24 +283,36 @@ def by_source(args, tokenizer, lookup) -> dict:
 
 
 def sampled(args, prompts: list[list[int]], lookup) -> dict:
-    """Stage 5: tokens per round of sampled sessions, the drafts' probabilities sent or not, per temperature."""
+    """Stage 6: sampled sessions, the drafts' probabilities sent or not, at the fixed length and with the
+    controller, per temperature: tokens per round, and tokens per second of the run's wall time (the controller
+    follows the server's goodput-optimal length, so it may commit fewer tokens per round in less time)."""
     from wisp_common.request import SamplingParams
     from wisp_edge.draft_loader import drafter_factory
 
-    result: dict = {"prompts": len(prompts), "tokens_per_round": {}, "runs": {}}
+    modes = {f"length {args.sampled_length}": args.sampled_length} if args.sampled_length else {}
+    modes["controller"] = None
+    result: dict = {"prompts": len(prompts), "tokens_per_round": {}, "tokens_per_second": {}, "runs": {}}
     for temperature in args.temperatures:
         sampling = SamplingParams(temperature=temperature)
         for name, with_q in (("with probabilities", True), ("point masses", False)):
             make_drafter = drafter_factory(args.draft_model, sampling, lookup=lookup, draft_probabilities=with_q)
-            length = args.sampled_length or None
-            totals = tokens_per_round(args, prompts, make_drafter, length, sampling=sampling)
-            result["tokens_per_round"].setdefault(str(temperature), {})[name] = totals["tokens"] / totals["rounds"]
-            result["runs"][f"{temperature}/{name}"] = totals
-            result["acceptance"] = {
-                **result.get("acceptance", {}),
-                f"{temperature}/{name}": totals["accepted"] / max(totals["sent"], 1),
-            }
-            print(f"  temperature {temperature}, {name}: {totals['tokens'] / totals['rounds']:.2f}", file=sys.stderr)
+            for mode, length in modes.items():
+                totals = tokens_per_round(args, prompts, make_drafter, length, sampling=sampling)
+                key = f"{mode}, {name}"
+                result["tokens_per_round"].setdefault(str(temperature), {})[key] = totals["tokens"] / totals["rounds"]
+                result["tokens_per_second"].setdefault(str(temperature), {})[key] = (
+                    totals["tokens"] / totals["wall_seconds"]
+                )
+                result["runs"][f"{temperature}/{key}"] = totals
+                result["acceptance"] = {
+                    **result.get("acceptance", {}),
+                    f"{temperature}/{key}": totals["accepted"] / max(totals["sent"], 1),
+                }
+                print(
+                    f"  temperature {temperature}, {key}: {totals['tokens'] / totals['rounds']:.2f} tokens/round, "
+                    f"{totals['tokens'] / totals['wall_seconds']:.1f} tokens/s",
+                    file=sys.stderr,
+                )
     return result
 
 
@@ -395,8 +407,10 @@ def main() -> int:
     parser.add_argument("--source-prompts", nargs="+", default=[str(BEYOND_CHAT), str(MT_BENCH)], help="stage 4")
     parser.add_argument("--per-category", type=int, default=10, help="stage 4: prompts per category")
     parser.add_argument("--sources", nargs="+", choices=list(SOURCES), default=list(SOURCES), help="stage 4")
-    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0], help="stage 5 (sampled)")
-    parser.add_argument("--sampled-length", type=int, default=4, help="stage 5: drafts per round (0: the controller)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 1.0], help="stage 6 (sampled)")
+    parser.add_argument(
+        "--sampled-length", type=int, default=4, help="stage 6: fixed drafts per round, beside the controller (0: none)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     classic = set(STAGES[:3]) <= set(args.stages)
@@ -472,10 +486,14 @@ def main() -> int:
         print(f"wrote {write_json('draft_quality_lowload', {'lowload': lowload, 'args': vars(args)})}")
         print(f"wrote {plot_low_load(lowload)}")
     if "sampled" in args.stages:
-        table = sampled_rounds["tokens_per_round"]
+        rates = sampled_rounds["tokens_per_second"]
         print_table(
-            ["temperature", "tokens/round, probabilities sent", "point masses"],
-            [[t, round(v["with probabilities"], 2), round(v["point masses"], 2)] for t, v in table.items()],
+            ["temperature", "speculation, drafts sent as", "tokens/round", "tokens/s"],
+            [
+                [t, key, round(per_round, 2), round(rates[t][key], 1)]
+                for t, row in sampled_rounds["tokens_per_round"].items()
+                for key, per_round in row.items()
+            ],
         )
         print(f"wrote {write_json('draft_quality_sampled', {'sampled': sampled_rounds, 'args': vars(args)})}")
     if not classic:

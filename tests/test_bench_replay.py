@@ -36,6 +36,29 @@ def test_the_drafter_plays_the_chain_of_the_point_its_session_has_reached():
         drafter.start([7, 7])
 
 
+def test_a_branch_is_the_recorded_runner_up_then_the_chain_one_point_on():
+    """Where the runner-up is the target's token (here 11 at the first point), the chain recorded after it is what
+    a real branch drafts after it; the main chain is untouched."""
+    recording = Recording(
+        RECORDING.prompt,
+        RECORDING.answer,
+        [[], [(7, DraftSignals(0.6, 1.0, 0.2, runner_up=11))], *RECORDING.chains[2:]],
+    )
+    drafter = ReplayDrafter([recording], seconds_per_token=0.0)
+    drafter.start([1, 2, 3])
+    drafter.commit(0, 10)
+    assert drafter.draft(2) == [7]
+    tokens, signals = drafter.branch(3)
+    assert (
+        tokens == [11, 12, 13]
+        and signals[0].top1 == pytest.approx(0.4)
+        and signals[1:] == [s for _, s in chain(12, 13)]
+    )
+    assert drafter.pending == [7] and drafter.branch(1) == ([11], signals[:1])
+    drafter.commit(0, 11)
+    assert drafter.draft(3) == [12, 13, 14]
+
+
 def test_drafting_takes_the_devices_time_per_token():
     drafter = ReplayDrafter([RECORDING], seconds_per_token=0.02)
     drafter.start([1, 2, 3])

@@ -272,6 +272,39 @@ def test_a_server_paced_session_verifies_the_streamed_drafts_that_fit(stub, smol
     assert sum(v.num_accepted for v in verdicts) == sum(v.num_drafts for v in verdicts)  # every draft is right
 
 
+def test_a_server_paced_step_verifies_whichever_of_the_newest_rounds_fits(stub, smollm2_tokenizer, target_model):
+    """An edge streams its guess and a second guess (a branch) at the same position: each step verifies the
+    newest round that fits, also where a newer one does not. The text stays the target's."""
+    reference = reference_greedy(target_model, PROMPT, 24)
+    opening = open_request(smollm2_tokenizer, max_new_tokens=24)
+    opening.open.server_paced = True
+    requests: queue.Queue = queue.Queue()
+    responses = stub.Speculate(iter(requests.get, None), timeout=30)
+    requests.put(opening)
+    assert next(responses).HasField("opened")
+    verdicts, committed, number = [], [], 0
+    right_rounds: dict[int, bool] = {}  # the rounds of the target's answer: whether a wrong one came after them
+    for verdict in (r.verdict for r in responses):
+        verdicts.append(verdict)
+        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
+        if verdict.finished:
+            break
+        right = reference[len(committed) : len(committed) + 6]
+        wrong = [(right[0] + 1) % 100, *right[1:]]
+        right_first = len(verdicts) % 2 == 1
+        for tokens in (right, wrong) if right_first else (wrong, right):
+            number += 1
+            if tokens is right:
+                right_rounds[number] = right_first
+            draft = pb.DraftRound(round=number, position=verdict.position, token_ids=tokens)
+            requests.put(pb.SpeculateRequest(draft=draft))
+    requests.put(None)
+    assert committed == reference
+    verified = [v for v in verdicts if v.num_drafts]
+    assert all(v.round in right_rounds and v.num_accepted == v.num_drafts for v in verified)
+    assert sum(right_rounds[v.round] for v in verified) >= 2  # verified though a round that did not fit came after
+
+
 def test_a_streamed_round_that_no_longer_fits_is_not_verified_and_a_later_one_is_refused(stub, smollm2_tokenizer):
     """A server-paced round whose leading drafts differ from what was committed since its position is skipped
     (the step decodes alone); one that claims a position past the committed text is FAILED_PRECONDITION."""

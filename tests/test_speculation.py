@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wisp_common.models import load_causal_lm
-from wisp_common.request import Slo
+from wisp_common.request import SamplingParams, Slo
 from wisp_edge.client import server_pacing_pays
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength, RoundTiming, verdict_labels
 from wisp_edge.drafter import DraftSignals, ModelDrafter
@@ -283,6 +283,30 @@ def test_the_drafter_takes_the_lookup_only_where_the_draft_is_unsure():
     plain.start(context)
     assert picks[0.0] == (plain.draft_one(), False) and plain.pending[0] != 12
     assert picks[1.01] == (12, True)
+
+
+def test_a_branch_starts_from_the_first_drafts_runner_up_and_leaves_the_drafter_as_it_was():
+    """`Drafter.branch`: the draft's second choice at the first pending position, then what a drafter with that
+    token committed drafts; the main chain's next drafts are unchanged. Sampled sessions have none."""
+    model = tiny_llama(500, layers=1, seed=3)
+    context = [10, 11, 12, 13, 14]
+    drafter = ModelDrafter(model)
+    drafter.start(context)
+    drafter.draft(2)
+    with torch.inference_mode():
+        runner_up = int(model(input_ids=torch.tensor([context])).logits[0, -1].topk(2).indices[1])
+    tokens, signals = drafter.branch(3)
+    assert drafter.signals[0].runner_up == runner_up != drafter.pending[0]
+    other = ModelDrafter(model)
+    other.start([*context, runner_up])
+    assert tokens == [runner_up, *other.draft(2)] and len(signals) == 3
+    unbranched = ModelDrafter(model)
+    unbranched.start(context)
+    assert drafter.pending == unbranched.draft(2) and drafter.draft(2) == unbranched.draft(2)
+    sampled = ModelDrafter(model, SamplingParams(temperature=0.8, seed=1))
+    sampled.start(context)
+    sampled.draft(2)
+    assert sampled.branch(3) is None
 
 
 def test_a_drafter_whose_step_failed_midway_forgets_its_state_and_drafts_as_a_new_one(

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from wisp_bench import metrics, report
-from wisp_bench.devices import CONFIGURATIONS, Configuration, DeviceRun, run_device
+from wisp_bench.devices import ABLATIONS, CONFIGURATIONS, Configuration, DeviceRun, run_device
 from wisp_bench.record import RecordSettings, record
 from wisp_bench.replay import Recording, write_answers
 from wisp_bench.server_metrics import during, scrape
@@ -72,7 +72,13 @@ def main_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="sweep fleet sizes per configuration; JSON, PNG plots, markdown table")
     add_workload_arguments(run)
-    run.add_argument("--configs", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    run.add_argument(
+        "--configs",
+        nargs="+",
+        default=[name for name in CONFIGURATIONS if name not in ABLATIONS],
+        choices=list(CONFIGURATIONS),
+        help=f"default: all but {', '.join(ABLATIONS)}",
+    )
     run.add_argument(
         "--regime",
         choices=("real", "modeled"),

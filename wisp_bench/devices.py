@@ -37,6 +37,7 @@ class Configuration:
     pipeline: bool = False
     server_speculation: str = ""  # the server's own speculation for Generate (wisp-server --generate-speculation)
     pacing: str = "edge"  # who paces the devices' sessions (wisp-edge --pacing)
+    branch: bool = True  # server-paced: second guesses streamed too (wisp-edge --branch)
 
 
 CONFIGURATIONS = {
@@ -45,6 +46,8 @@ CONFIGURATIONS = {
         Configuration("wisp", "wisp", "adaptive", pipeline=True, pacing="auto"),  # the default edge
         Configuration("wisp-edge-paced", "wisp", "adaptive", pipeline=True),
         Configuration("wisp-paced", "wisp", "adaptive", pipeline=True, pacing="server"),
+        # An ablation, run only when named: server-paced with one guess of each step in flight.
+        Configuration("wisp-paced-no-branch", "wisp", "adaptive", pipeline=True, pacing="server", branch=False),
         Configuration("sled", "sled", "fixed"),  # static batches, a fixed length (SLED)
         Configuration("fcfs", "fcfs", "fixed"),
         Configuration("centralized", "fcfs", None),  # the target alone: continuous batching of Generate streams
@@ -52,6 +55,7 @@ CONFIGURATIONS = {
         Configuration("vllm-ngram", "fcfs", None, server_speculation=VLLM_NGRAM_EXAMPLE),
     )
 }
+ABLATIONS = ("wisp-paced-no-branch",)  # configurations a sweep runs only when named
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def run_device(
             run.predictor if run.configuration.speculation == "adaptive" else None,
             run.configuration.pipeline,
             run.configuration.pacing,
+            run.configuration.branch,
         )
     stub = pb_grpc.WispStub(channel)
     try:
@@ -133,6 +138,7 @@ def replayed_edge(
     predictor: AcceptancePredictor | None,
     pipeline: bool,
     pacing: str = "edge",
+    branch: bool = True,
 ) -> EdgeClient:
     """The real edge with a `ReplayDrafter`. With a ``predictor`` it is adaptive (its own copy of the predictor, as
     each real edge has) and lets the server decode where no draft pays, as WISP's edges do; without one it drafts
@@ -142,7 +148,9 @@ def replayed_edge(
     if predictor is None:
         return EdgeClient(channel, drafter, identity, device, FixedLength, pipeline)
     mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))
-    return EdgeClient(channel, drafter, identity, device, mode, pipeline, server_decoding=True, pacing=pacing)
+    return EdgeClient(
+        channel, drafter, identity, device, mode, pipeline, server_decoding=True, pacing=pacing, branch=branch
+    )
 
 
 def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, trace: RequestTrace) -> None:
@@ -155,6 +163,7 @@ def _speculate(client: EdgeClient, prompt: list[int], slo: Slo, run: DeviceRun, 
     stats = result.stats
     trace.rounds, trace.drafted, trace.sent, trace.accepted = stats.rounds, stats.drafted, stats.sent, stats.accepted
     trace.idle_seconds, trace.server_decoded = stats.idle_seconds, stats.server_decoded
+    trace.branches, trace.branches_verified = stats.branches, stats.branches_verified
     trace.round_trip_seconds, trace.draft_seconds = stats.round_trip_seconds, stats.draft_seconds
     trace.queue_seconds, trace.verify_seconds = stats.server_queue_seconds, stats.server_verify_seconds
 

@@ -198,6 +198,7 @@ class RunSummary:
     round_anatomy: dict[str, float] | None  # where a speculative round's time goes (`round_anatomy`)
     slo_override: dict[str, float | None] | None = None  # the SLOs applied, when not the traces' own
     by_class: dict[str, ClassSummary] = field(default_factory=dict)
+    branch_fit_share: float | None = None  # server-paced: second guesses a step verified / those streamed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,6 +316,7 @@ def summarize(
         round_anatomy=round_anatomy(speculative),
         slo_override=None if slo is None else {"ttft": slo.ttft, "tpot": slo.tpot},
         by_class=by_class(traces, span, applied),
+        branch_fit_share=_ratio(sum(t.branches_verified for t in done), sum(t.branches for t in done)),
     )
 
 

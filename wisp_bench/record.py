@@ -27,6 +27,7 @@ class RecordSettings:
     engine: str = "auto"
     lookup_ngram: int = 4
     lookup_below: float = 0.5
+    signals_format: int = 2  # 2: each draft's signals name its runner-up (for server-paced branches)
 
 
 def cache_path(settings: RecordSettings, prompts: list[list[int]]) -> Path:

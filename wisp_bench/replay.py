@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,19 +115,39 @@ class ReplayDrafter(Drafter):
         super().start(context)
 
     def draft_one(self) -> int | None:
-        assert self._recording is not None
-        point = len(self.tokens) - len(self._recording.prompt)
-        chains = self._recording.chains
-        chain = chains[point] if point < len(chains) else []
+        chain = self._chain(0)
         if len(self.pending) >= len(chain):
             return None
-        self._busy_until = max(time.monotonic(), self._busy_until) + self.seconds_per_token
-        while (left := self._busy_until - time.monotonic()) > 0:
-            time.sleep(left)
+        self._spend(1)
         token, signals = chain[len(self.pending)]
         self.pending.append(token)
         self.signals.append(signals)
         return token
+
+    def branch(self, count: int) -> tuple[list[int], list[DraftSignals]] | None:
+        """The recorded runner-up, then the chain recorded one point on. That chain followed the target's token
+        there, so it is the branch's own only where the runner-up is that token: where the branch can fit at all.
+        (It was drafted with the target's feature of the runner-up's position, which a real branch predicts.)"""
+        if not self.pending or self.signals[0].runner_up is None:
+            return None
+        first = self.signals[0]
+        after = self._chain(1)[: count - 1]
+        self._spend(len(after))
+        signals = replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)
+        return [first.runner_up, *(t for t, _ in after)], [signals, *(s for _, s in after)]
+
+    def _chain(self, ahead: int) -> list[tuple[int, DraftSignals]]:
+        """The chain recorded ``ahead`` points past the one the session has reached."""
+        assert self._recording is not None
+        point = len(self.tokens) - len(self._recording.prompt) + ahead
+        chains = self._recording.chains
+        return chains[point] if point < len(chains) else []
+
+    def _spend(self, tokens: int) -> None:
+        """Takes the device's time for ``tokens`` drafting steps."""
+        self._busy_until = max(time.monotonic(), self._busy_until) + tokens * self.seconds_per_token
+        while (left := self._busy_until - time.monotonic()) > 0:
+            time.sleep(left)
 
     def _restart(self, kept: int) -> None:
         self._busy_until = 0.0

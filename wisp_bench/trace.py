@@ -28,6 +28,8 @@ class RequestTrace:
     accepted: int = 0  # draft tokens the target accepted
     server_decoded: int = 0  # output tokens the server decoded itself (no drafts)
     idle_seconds: float = 0.0  # time the device waited for verdicts with nothing to draft
+    branches: int = 0  # server-paced: second guesses streamed (`Drafter.branch`)
+    branches_verified: int = 0  # of those, the ones a step verified drafts of
     # Where a round's time goes, summed over the request's rounds (`round_anatomy`):
     round_trip_seconds: float = 0.0  # from sending each round to its verdict's arrival
     queue_seconds: float = 0.0  # of that, waiting for a batch (the server's timing)

@@ -203,6 +203,11 @@ class EdgeConfig:
         "drafts, measured in its sessions (the first is edge-paced)",
         PACINGS,
     )
+    branch: bool = _opt(
+        True,
+        "server-paced, greedy: beside the drafts that guess the token of the server's step in flight, also stream "
+        "drafts after the draft's runner-up for it; the next step verifies whichever fits",
+    )
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
     threads: int = _opt(0, "torch intra-op threads (0: torch's default)")

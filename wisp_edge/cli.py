@@ -110,6 +110,7 @@ def build_clients(config: EdgeConfig, count: int, wait_when_full: bool = True):
             server_decoding,
             resume,
             config.pacing,
+            config.branch,
         )
         for _ in range(count)
     ]

@@ -161,6 +161,8 @@ class GenerationStats:
     server_queue_seconds: float = 0.0
     server_verify_seconds: float = 0.0
     server_paced: bool = False  # the server paced this session's steps (`EdgeClient.pacing`)
+    branches: int = 0  # server-paced: second guesses streamed (`Drafter.branch`)
+    branches_verified: int = 0  # of those, the ones whose drafts a step verified
     resumes: int = 0  # new streams after a broken one (server restarted or gone, draining, full, overdue)
     # Each round that carried drafts, in order: drafts sent and accepted (vLLM's per_step_drafted/_accepted).
     per_step_drafted: list[int] = field(default_factory=list)
@@ -213,6 +215,8 @@ class GenerationStats:
             "pipelined_kept": self.pipelined_kept,
             "server_decoded": self.server_decoded,
             "server_paced": self.server_paced,
+            "branches": self.branches,
+            "branches_verified": self.branches_verified,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "tokens_per_round": round(self.tokens_per_round, 3),
             "tokens_per_second": round(self.tokens_per_second, 2),
@@ -271,11 +275,13 @@ class EdgeClient:
         server_decoding: bool = False,
         resume: ResumePolicy = ResumePolicy(),
         pacing: str = "edge",
+        branch: bool = True,
     ):
         """``server_decoding``: let the server decode the session itself where no draft pays at its load.
         ``pacing`` (`wisp_common.config.PACINGS`): "edge", each round waits for the edge's drafts; "server", the
         server decodes at its own pace, verifying the drafts the edge streams; "auto", the first session edge-paced,
         then server-paced where `server_pacing_pays` on the figures the last edge-paced session measured.
+        ``branch``: server-paced, also stream a second guess of the step in flight (`Drafter.branch`).
 
         ``channel`` may spread calls over several servers (`wisp_edge.connection.BalancedChannel`): a resumed
         session is a new call, so it starts on another server where the first is gone."""
@@ -290,6 +296,7 @@ class EdgeClient:
         if pacing not in PACINGS:
             raise ValueError(f"pacing must be one of {', '.join(PACINGS)}, not {pacing!r}")
         self.pacing = pacing
+        self.branch = branch
         self.measured: RoundTiming | None = None  # this server's step and this edge's trip and drafting, last seen
         # When a list: each round's (signals of the sent drafts, drafts sent, drafts accepted), for calibration.
         self.round_log: list[tuple[list, int, int]] | None = None
@@ -480,11 +487,15 @@ class EdgeClient:
         """Server-paced: verdicts come a step at a time, unasked. Between them the edge drafts a run of the
         server's suggested drafts plus `PACE_LEAD` (the tokens the step in flight commits first), and streams
         it twice: as soon as it can fit and have a draft verified, since a round must reach the server before
-        the step after the one in flight is queued, and when it is whole or a verdict comes. Returns the last
-        verdict."""
+        the step after the one in flight is queued, and when it is whole or a verdict comes. Its first draft is
+        its guess of the step in flight's token; with `branch`, right after the first streaming a second round
+        starts from the draft's runner-up there (where the step rejects the first draft, or decodes alone, its
+        token is often that), and the step after verifies whichever fits. Returns the last verdict."""
         controller, timing, drafter = run.controller, run.timing, self.drafter
         position, last = opened.position, None  # last: the (position, drafts) of the newest round streamed
         streamed: dict[int, tuple[int, list]] = {}  # by round: its position and its drafts' signals
+        branches: set[int] = set()  # the rounds that were second guesses
+        branched = -1  # the position of the last second guess
         while True:
             room = run.max_new_tokens - len(run.generated) - 1
             verified = controller.max_drafts
@@ -497,7 +508,12 @@ class EdgeClient:
                 more = count < depth and inbox.empty()
                 if count and (count == first or not more) and (position, count) != last:
                     last = (position, count)
-                    self._stream_round(requests, streamed, position, count)
+                    drafts = drafter.pending[:count], drafter.signals[:count], drafter.proposals[:count]
+                    self._stream_round(requests, streamed, position, *drafts)
+                    if self.branch and branched != position:
+                        branched = position
+                        if self._stream_branch(stats, requests, streamed, position, first):
+                            branches.add(max(streamed))
                 if not more or not self._draft_one(stats, timing):
                     break
             waiting = time.monotonic()
@@ -506,6 +522,7 @@ class EdgeClient:
             verdict = response.verdict
             accepted = list(verdict.accepted_token_ids)
             committed = accepted + ([verdict.next_token] if verdict.HasField("next_token") else [])
+            stats.branches_verified += verdict.num_drafts > 0 and verdict.round in branches
             if verdict.num_drafts and verdict.round in streamed:
                 at, signals = streamed[verdict.round]
                 start = verdict.position - len(committed) - at  # its drafts the step found committed already
@@ -519,18 +536,34 @@ class EdgeClient:
             if verdict.finished:
                 return verdict
 
-    def _stream_round(self, requests: queue.Queue, streamed: dict, position: int, count: int) -> None:
-        """Sends the first ``count`` pending drafts as a server-paced round and keeps what its verdict needs."""
+    @staticmethod
+    def _stream_round(
+        requests: queue.Queue, streamed: dict, position: int, drafts: list[int], signals: list, proposals: list
+    ) -> None:
+        """Sends ``drafts`` (with their ``signals`` and q, `Drafter.proposals`) as a server-paced round after
+        ``position`` and keeps what its verdict needs."""
         number = max(streamed, default=-1) + 1
-        streamed[number] = (position, self.drafter.signals[:count])
-        streamed.pop(number - 16, None)  # a step verifies the newest round: older ones are not needed
+        streamed[number] = (position, signals)
+        streamed.pop(number - 16, None)  # a step verifies one of the newest rounds: older ones are not needed
         round_ = pb.DraftRound(
-            round=number,
-            position=position,
-            token_ids=self.drafter.pending[:count],
-            draft_probabilities=draft_probabilities(self.drafter.proposals[:count]),
+            round=number, position=position, token_ids=drafts, draft_probabilities=draft_probabilities(proposals)
         )
         requests.put(pb.SpeculateRequest(draft=round_))
+
+    def _stream_branch(
+        self, stats: GenerationStats, requests: queue.Queue, streamed: dict, position: int, count: int
+    ) -> bool:
+        """Streams the drafter's second guess after ``position`` (the committed text), ``count`` tokens long (all
+        point masses: a branch is greedy's), if it has one."""
+        started = time.monotonic()
+        branch = self.drafter.branch(count)
+        if branch is None:
+            return False
+        stats.draft_seconds += time.monotonic() - started
+        stats.drafted += len(branch[0]) - 1  # its first token is the runner-up of a draft already counted
+        stats.branches += 1
+        self._stream_round(requests, streamed, position, *branch, [])
+        return True
 
     @staticmethod
     def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, committed: list[int], verified: int) -> None:

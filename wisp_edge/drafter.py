@@ -50,6 +50,7 @@ class DraftSignals:
     margin: float  # top-1 minus top-2 probability
     lookup: bool = False  # the token was copied (prompt lookup or suffix index), not the draft's own pick
     suffix: float = 0.0  # where the suffix index proposed it: its estimated probability, else 0
+    runner_up: int | None = None  # the draft's likeliest other token there (a server-paced `Drafter.branch`)
 
 
 def signals_of(logits: torch.Tensor) -> DraftSignals:
@@ -116,6 +117,10 @@ class Drafter(ABC):
             token, signals = copied[0], replace(signals, lookup=True, suffix=copied[1])
         else:
             token, proposal = self._pick(logits, vocab_ids)
+        if logits.numel() > 1:
+            top2 = logits.topk(2).indices
+            best = [int(i) for i in (top2 if vocab_ids is None else vocab_ids[top2])]
+            signals = replace(signals, runner_up=best[1] if best[0] == token else best[0])
         self.pending.append(token)
         self.signals.append(signals)
         self.proposals.append(proposal)
@@ -127,6 +132,26 @@ class Drafter(ABC):
         while len(drafted) < n and (token := self.draft_one()) is not None:
             drafted.append(token)
         return drafted
+
+    def branch(self, count: int) -> tuple[list[int], list[DraftSignals]] | None:
+        """A server-paced session's second guess: the first pending draft's runner-up, then up to ``count`` - 1
+        drafts after it, with their signals; the drafter's own state is as it was. None where there is none (no
+        pending draft, a copied one's source had no runner-up, or a sampled session: its drafts must be drawn
+        from the q they are sent with, and the runner-up is not)."""
+        if not self.sampling.greedy or not self.pending or self.signals[0].runner_up is None:
+            return None
+        first = self.signals[0]
+        saved = self.pending, self.signals, self.proposals, self._save()
+        self.pending = [first.runner_up]
+        self.signals = [replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)]
+        self.proposals = [None]
+        try:
+            self._sync(None)  # the model state past the committed text is the main chain's
+            self.draft(count - 1)
+            return self.pending, self.signals
+        finally:
+            self.pending, self.signals, self.proposals, state = saved
+            self._load(state)
 
     def commit(self, num_accepted: int, next_token: int | None, features: torch.Tensor | None = None) -> None:
         """Applies a verdict on the leading pending drafts; ``features`` start at the first uncomputed position."""
@@ -179,6 +204,14 @@ class Drafter(ABC):
     def _restart(self, kept: int) -> None:
         """A new session starts whose first ``kept`` committed tokens are the last one's: forgets the model
         state of the others."""
+
+    def _save(self) -> object:
+        """Model state that `branch` must give back (None: rebuilding it from the pending drafts is cheap)."""
+        return None
+
+    def _load(self, state: object) -> None:
+        """Gives back what `_save` returned; by default drops the branch's model state past the committed text."""
+        self._sync(None)
 
     @abstractmethod
     def _next_logits(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:

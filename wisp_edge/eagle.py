@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 
@@ -62,6 +64,14 @@ class EagleDrafter(Drafter):
         if self._entries > self._real_entries:
             crop_cache(self._cache, self._real_entries)
             self._entries, self._last = self._real_entries, None
+
+    def _save(self) -> object:
+        """The cache entries built from the draft's own predictions are rebuilt one draft step each: copied
+        instead (two small layers' keys and values)."""
+        return copy.deepcopy(self._cache), self._real_entries, self._entries, self._last
+
+    def _load(self, state: object) -> None:
+        self._cache, self._real_entries, self._entries, self._last = state
 
     @torch.inference_mode()
     def _next_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:

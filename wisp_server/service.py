@@ -62,6 +62,8 @@ DRAINING = "the server is shutting down; resume the session on another server (o
 _GONE = object()  # in a stream's inbox: the edge left (cancelled, disconnected, killed)
 _DRAIN = object()  # in a stream's inbox: the server is shutting down
 # Below it a sampled session's logits / temperature overflow float32; as the proto's float holds it.
+# A server-paced session's streamed rounds that a step looks through for one that fits, newest first.
+STREAMED_ROUNDS_KEPT = 4
 MIN_TEMPERATURE = struct.unpack("<f", struct.pack("<f", 1e-5))[0]
 
 
@@ -106,7 +108,7 @@ class _EdgeLeft(Exception):
 
 @dataclass(frozen=True)
 class _StreamedRound:
-    """A server-paced session's newest DraftRound, checked: drafts that follow its first ``position`` tokens."""
+    """A server-paced session's DraftRound, checked: drafts that follow its first ``position`` tokens."""
 
     round: int
     position: int
@@ -230,20 +232,23 @@ class WispService(pb_grpc.WispServicer):
         A step is queued as the last one's verdict goes out, so its drafts are those streamed by then: one step
         old. They fit where their leading tokens are what that last step committed; the rest are verified, up
         to the goodput-optimal number at this load (`Session.next_drafts`)."""
-        newest: _StreamedRound | None = None  # the newest streamed round, once one came
+        # The newest streamed rounds: an edge may stream its guess of the step in flight and a branch for its
+        # second guess, and the step after verifies whichever fits.
+        recent: deque[_StreamedRound] = deque(maxlen=STREAMED_ROUNDS_KEPT)
         rounds: deque[int] = deque()  # the DraftRound each queued step verifies drafts of
 
         def step() -> PendingRound | None:
-            nonlocal newest
             while (item := _next_now(inbox)) is not _NOTHING:
                 if item is None:
                     continue  # the edge's requests ended: no more drafts, the steps go on to the end
                 if (draft := self._draft_of(session, self._request_of(item))) is None:
                     return None  # the edge closed the session
-                newest = self._streamed(session, draft)
+                recent.append(self._streamed(session, draft))
             drafts, proposals, round_number = (), (), 0
-            if newest is not None and (fitting := self._fitting(session, newest)) is not None:
-                drafts, proposals, round_number = *fitting, newest.round
+            for streamed in reversed(recent):
+                if (fitting := self._fitting(session, streamed)) is not None:
+                    drafts, proposals, round_number = *fitting, streamed.round
+                    break
             rounds.append(round_number)
             return self._queue(session, drafts, proposals)
 
