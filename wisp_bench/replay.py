@@ -21,13 +21,13 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from wisp_common.request import SamplingParams
-from wisp_edge.drafter import Drafter, DraftSignals
+from wisp_edge.drafter import Drafter, DraftSignals, runner_up_signals
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,7 @@ class ReplayDrafter(Drafter):
         first = self.signals[0]
         after = self._chain(1)[: count - 1]
         self._spend(len(after))
-        signals = replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)
-        return [first.runner_up, *(t for t, _ in after)], [signals, *(s for _, s in after)]
+        return [first.runner_up, *(t for t, _ in after)], [runner_up_signals(first), *(s for _, s in after)]
 
     def _chain(self, ahead: int) -> list[tuple[int, DraftSignals]]:
         """The chain recorded ``ahead`` points past the one the session has reached."""

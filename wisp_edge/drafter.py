@@ -53,6 +53,11 @@ class DraftSignals:
     runner_up: int | None = None  # the draft's likeliest other token there (a server-paced `Drafter.branch`)
 
 
+def runner_up_signals(first: DraftSignals) -> DraftSignals:
+    """The signals of a draft's runner-up in its place: the second-likeliest token's (a branch's first token)."""
+    return replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)
+
+
 def signals_of(logits: torch.Tensor) -> DraftSignals:
     probs = logits.float().softmax(-1)
     top = probs.topk(2).values.tolist() if probs.numel() > 1 else [float(probs[0]), 0.0]
@@ -143,7 +148,7 @@ class Drafter(ABC):
         first = self.signals[0]
         saved = self.pending, self.signals, self.proposals, self._save()
         self.pending = [first.runner_up]
-        self.signals = [replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)]
+        self.signals = [runner_up_signals(first)]
         self.proposals = [None]
         try:
             self._sync(None)  # the model state past the committed text is the main chain's

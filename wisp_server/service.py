@@ -61,9 +61,9 @@ DRAINING = "the server is shutting down; resume the session on another server (o
 
 _GONE = object()  # in a stream's inbox: the edge left (cancelled, disconnected, killed)
 _DRAIN = object()  # in a stream's inbox: the server is shutting down
-# Below it a sampled session's logits / temperature overflow float32; as the proto's float holds it.
 # A server-paced session's streamed rounds that a step looks through for one that fits, newest first.
 STREAMED_ROUNDS_KEPT = 4
+# Below it a sampled session's logits / temperature overflow float32; as the proto's float holds it.
 MIN_TEMPERATURE = struct.unpack("<f", struct.pack("<f", 1e-5))[0]
 
 
