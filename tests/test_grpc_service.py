@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterator
 from urllib.request import urlopen
 
 import grpc
@@ -48,6 +49,17 @@ def open_request(tokenizer, prompt=PROMPT, fingerprint=None, **stop) -> pb.Specu
 
 def draft_request(position: int, tokens: list[int]) -> pb.SpeculateRequest:
     return pb.SpeculateRequest(draft=pb.DraftRound(position=position, token_ids=tokens))
+
+
+def open_paced(stub, tokenizer, max_new_tokens: int) -> tuple[queue.Queue, Iterator[pb.SpeculateResponse]]:
+    """A server-paced session, opened: the queue its requests go to (None ends them) and its responses."""
+    opening = open_request(tokenizer, max_new_tokens=max_new_tokens)
+    opening.open.server_paced = True
+    requests: queue.Queue = queue.Queue()
+    responses = stub.Speculate(iter(requests.get, None), timeout=30)
+    requests.put(opening)
+    assert next(responses).HasField("opened")
+    return requests, responses
 
 
 def call(stub, messages) -> list[pb.SpeculateResponse]:
@@ -251,12 +263,7 @@ def test_a_server_paced_session_verifies_the_streamed_drafts_that_fit(stub, smol
     round from the first token not committed yet. A round of the target's own answer is accepted as far as the
     steps verify it; every verdict names the drafts it accepted, and the text is the target's."""
     reference = reference_greedy(target_model, PROMPT, 24)
-    opening = open_request(smollm2_tokenizer, max_new_tokens=24)
-    opening.open.server_paced = True
-    requests: queue.Queue = queue.Queue()
-    responses = stub.Speculate(iter(requests.get, None), timeout=30)
-    requests.put(opening)
-    assert next(responses).HasField("opened")
+    requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
     verdicts, committed = [], []
     for verdict in (r.verdict for r in responses):
         verdicts.append(verdict)
@@ -276,12 +283,7 @@ def test_a_server_paced_step_verifies_whichever_of_the_newest_rounds_fits(stub, 
     """An edge streams its guess and a second guess (a branch) at the same position: each step verifies the
     newest round that fits, also where a newer one does not. The text stays the target's."""
     reference = reference_greedy(target_model, PROMPT, 24)
-    opening = open_request(smollm2_tokenizer, max_new_tokens=24)
-    opening.open.server_paced = True
-    requests: queue.Queue = queue.Queue()
-    responses = stub.Speculate(iter(requests.get, None), timeout=30)
-    requests.put(opening)
-    assert next(responses).HasField("opened")
+    requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
     verdicts, committed, number = [], [], 0
     right_rounds: dict[int, bool] = {}  # the rounds of the target's answer: whether a wrong one came after them
     for verdict in (r.verdict for r in responses):
@@ -308,12 +310,7 @@ def test_a_server_paced_step_verifies_whichever_of_the_newest_rounds_fits(stub, 
 def test_a_streamed_round_that_no_longer_fits_is_not_verified_and_a_later_one_is_refused(stub, smollm2_tokenizer):
     """A server-paced round whose leading drafts differ from what was committed since its position is skipped
     (the step decodes alone); one that claims a position past the committed text is FAILED_PRECONDITION."""
-    opening = open_request(smollm2_tokenizer, max_new_tokens=200)  # still running when the bad round comes
-    opening.open.server_paced = True
-    requests: queue.Queue = queue.Queue()
-    responses = stub.Speculate(iter(requests.get, None), timeout=30)
-    requests.put(opening)
-    assert next(responses).HasField("opened")
+    requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=200)  # running when the bad round comes
     first = next(responses).verdict
     assert first.num_drafts == 0 and first.position == len(PROMPT) + 1
     wrong = (first.next_token + 1) % 100
