@@ -307,6 +307,40 @@ def test_a_server_paced_step_verifies_whichever_of_the_newest_rounds_fits(stub, 
     assert sum(right_rounds[v.round] for v in verified) >= 2  # verified though a round that did not fit came after
 
 
+def test_a_rounds_branch_is_verified_where_its_first_guess_does_not_fit(stub, smollm2_tokenizer, target_model):
+    """One message carries a guess and a second guess (`branch_token_ids`) after the same position: a step verifies
+    the first where it fits, else the branch, and says which (`Verdict.branch`). An oversized branch is refused."""
+    reference = reference_greedy(target_model, PROMPT, 24)
+    requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
+    verdicts, committed, right_is_branch = [], [], {}
+    for verdict in (r.verdict for r in responses):
+        verdicts.append(verdict)
+        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
+        if verdict.finished:
+            break
+        right = reference[len(committed) : len(committed) + 6]
+        wrong = [(right[0] + 1) % 100, *right[1:]]
+        number = len(verdicts)
+        right_is_branch[number] = number % 2 == 1
+        guess, branch = (wrong, right) if right_is_branch[number] else (right, wrong)
+        draft = pb.DraftRound(round=number, position=verdict.position, token_ids=guess, branch_token_ids=branch)
+        requests.put(pb.SpeculateRequest(draft=draft))
+    requests.put(None)
+    assert committed == reference
+    verified = [v for v in verdicts if v.num_drafts]
+    assert all(v.branch == right_is_branch[v.round] and v.num_accepted == v.num_drafts for v in verified)
+    assert {v.branch for v in verified} == {True, False}
+
+    requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=200)
+    position = next(responses).verdict.position
+    requests.put(pb.SpeculateRequest(draft=pb.DraftRound(position=position, token_ids=[5], branch_token_ids=[5] * 7)))
+    with pytest.raises(grpc.RpcError) as caught:
+        for _ in responses:
+            pass
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "branch of 7 tokens" in caught.value.details()
+    requests.put(None)
+
+
 def test_a_streamed_round_that_no_longer_fits_is_not_verified_and_a_later_one_is_refused(stub, smollm2_tokenizer):
     """A server-paced round whose leading drafts differ from what was committed since its position is skipped
     (the step decodes alone); one that claims a position past the committed text is FAILED_PRECONDITION."""

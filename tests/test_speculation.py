@@ -309,6 +309,23 @@ def test_a_branch_starts_from_the_first_drafts_runner_up_and_leaves_the_drafter_
     assert sampled.branch(3) is None
 
 
+def test_a_server_paced_edge_streams_second_guesses_and_stays_lossless(
+    tiny_pair, tiny_server, smollm2_tokenizer, target_model, monkeypatch
+):
+    """Server-paced with branches (the default): each first guess carries a second one in the same message, a
+    step verifies whichever fits, and the text is the target's. The tiny target's steps are slowed to a GPU's
+    (an injected 30 ms) so that the streamed drafts reach the server in time to be verified."""
+    server, address = tiny_server
+    verify = server.service.engine.verify
+    monkeypatch.setattr(server.service.engine, "verify", lambda batch: (time.sleep(0.03), verify(batch))[1])
+    client = make_client(address, tiny_pair[1], smollm2_tokenizer, pacing="server")
+    result = client.generate(PROMPTS[0], max_new_tokens=24, draft_tokens=4, ignore_eos=True)
+    assert result.token_ids == reference_greedy(target_model, PROMPTS[0], 24)
+    stats = result.stats
+    assert stats.server_paced and stats.rounds > 0 and stats.branches > 0
+    assert 0 <= stats.branches_verified <= min(stats.branches, stats.rounds)
+
+
 def test_a_drafter_whose_step_failed_midway_forgets_its_state_and_drafts_as_a_new_one(
     tiny_pair, tiny_server, smollm2_tokenizer, monkeypatch
 ):

@@ -488,13 +488,12 @@ class EdgeClient:
         server's suggested drafts plus `PACE_LEAD` (the tokens the step in flight commits first), and streams
         it twice: as soon as it can fit and have a draft verified, since a round must reach the server before
         the step after the one in flight is queued, and when it is whole or a verdict comes. Its first draft is
-        its guess of the step in flight's token; with `branch`, right after the first streaming a second round
-        starts from the draft's runner-up there (where the step rejects the first draft, or decodes alone, its
-        token is often that), and the step after verifies whichever fits. Returns the last verdict."""
+        its guess of the step in flight's token; with `branch`, the first streaming also carries a second guess
+        from the draft's runner-up there (where the step rejects the first draft, or decodes alone, its token is
+        often that), and the step after verifies whichever fits. Returns the last verdict."""
         controller, timing, drafter = run.controller, run.timing, self.drafter
         position, last = opened.position, None  # last: the (position, drafts) of the newest round streamed
-        streamed: dict[int, tuple[int, list]] = {}  # by round: its position and its drafts' signals
-        branches: set[int] = set()  # the rounds that were second guesses
+        streamed: dict[int, tuple[int, list, list]] = {}  # by round: its position, its drafts' and branch's signals
         branched = -1  # the position of the last second guess
         while True:
             room = run.max_new_tokens - len(run.generated) - 1
@@ -509,11 +508,10 @@ class EdgeClient:
                 if count and (count == first or not more) and (position, count) != last:
                     last = (position, count)
                     drafts = drafter.pending[:count], drafter.signals[:count], drafter.proposals[:count]
-                    self._stream_round(requests, streamed, position, *drafts)
+                    branch = None
                     if self.branch and branched != position:
-                        branched = position
-                        if self._stream_branch(stats, requests, streamed, position, first):
-                            branches.add(max(streamed))
+                        branched, branch = position, self._branch(stats, first)
+                    self._stream_round(requests, streamed, position, *drafts, branch)
                 if not more or not self._draft_one(stats, timing):
                     break
             waiting = time.monotonic()
@@ -522,9 +520,10 @@ class EdgeClient:
             verdict = response.verdict
             accepted = list(verdict.accepted_token_ids)
             committed = accepted + ([verdict.next_token] if verdict.HasField("next_token") else [])
-            stats.branches_verified += verdict.num_drafts > 0 and verdict.round in branches
+            stats.branches_verified += verdict.num_drafts > 0 and verdict.branch
             if verdict.num_drafts and verdict.round in streamed:
-                at, signals = streamed[verdict.round]
+                at, signals, branch_signals = streamed[verdict.round]
+                signals = branch_signals if verdict.branch else signals
                 start = verdict.position - len(committed) - at  # its drafts the step found committed already
                 controller.observe(signals[start : start + verdict.num_drafts], verdict.num_drafts, len(accepted))
             features = decode_features(verdict.features) if verdict.HasField("features") else None
@@ -538,32 +537,39 @@ class EdgeClient:
 
     @staticmethod
     def _stream_round(
-        requests: queue.Queue, streamed: dict, position: int, drafts: list[int], signals: list, proposals: list
+        requests: queue.Queue,
+        streamed: dict,
+        position: int,
+        drafts: list[int],
+        signals: list,
+        proposals: list,
+        branch: tuple[list[int], list] | None = None,
     ) -> None:
-        """Sends ``drafts`` (with their ``signals`` and q, `Drafter.proposals`) as a server-paced round after
-        ``position`` and keeps what its verdict needs."""
+        """Sends ``drafts`` (with their ``signals`` and q, `Drafter.proposals`), and a second guess ``branch``
+        (its drafts and signals) if any, as a server-paced round after ``position``; keeps what its verdict
+        needs."""
         number = max(streamed, default=-1) + 1
-        streamed[number] = (position, signals)
+        branch_drafts, branch_signals = branch or ([], [])
+        streamed[number] = (position, signals, branch_signals)
         streamed.pop(number - 16, None)  # a step verifies one of the newest rounds: older ones are not needed
         round_ = pb.DraftRound(
-            round=number, position=position, token_ids=drafts, draft_probabilities=draft_probabilities(proposals)
+            round=number,
+            position=position,
+            token_ids=drafts,
+            draft_probabilities=draft_probabilities(proposals),
+            branch_token_ids=branch_drafts,
         )
         requests.put(pb.SpeculateRequest(draft=round_))
 
-    def _stream_branch(
-        self, stats: GenerationStats, requests: queue.Queue, streamed: dict, position: int, count: int
-    ) -> bool:
-        """Streams the drafter's second guess after ``position`` (the committed text), ``count`` tokens long (all
-        point masses: a branch is greedy's), if it has one."""
+    def _branch(self, stats: GenerationStats, count: int) -> tuple[list[int], list] | None:
+        """The drafter's second guess, ``count`` tokens long (point masses: a branch is greedy's), if it has one."""
         started = time.monotonic()
         branch = self.drafter.branch(count)
-        if branch is None:
-            return False
-        stats.draft_seconds += time.monotonic() - started
-        stats.drafted += len(branch[0]) - 1  # its first token is the runner-up of a draft already counted
-        stats.branches += 1
-        self._stream_round(requests, streamed, position, *branch, [])
-        return True
+        if branch is not None:
+            stats.draft_seconds += time.monotonic() - started
+            stats.drafted += len(branch[0]) - 1  # its first token is the runner-up of a draft already counted
+            stats.branches += 1
+        return branch
 
     @staticmethod
     def _take(run: _Run, stats: GenerationStats, verdict: pb.Verdict, committed: list[int], verified: int) -> None:

@@ -114,6 +114,7 @@ class _StreamedRound:
     position: int
     drafts: tuple[int, ...]
     proposals: tuple  # one DraftDistribution | None per draft, or empty: all point masses
+    branch: tuple[int, ...] = ()  # the second guess after the same position (point masses)
 
 
 def resumed_seed(seed: int, committed: int) -> int:
@@ -232,10 +233,10 @@ class WispService(pb_grpc.WispServicer):
         A step is queued as the last one's verdict goes out, so its drafts are those streamed by then: one step
         old. They fit where their leading tokens are what that last step committed; the rest are verified, up
         to the goodput-optimal number at this load (`Session.next_drafts`)."""
-        # The newest streamed rounds: an edge may stream its guess of the step in flight and a branch for its
-        # second guess, and the step after verifies whichever fits.
+        # The newest streamed rounds: an edge streams its guess of the step in flight (with a second guess, its
+        # branch) and then more of it, and the step after verifies whichever fits.
         recent: deque[_StreamedRound] = deque(maxlen=STREAMED_ROUNDS_KEPT)
-        rounds: deque[int] = deque()  # the DraftRound each queued step verifies drafts of
+        rounds: deque[tuple[int, bool]] = deque()  # the DraftRound each queued step verifies drafts of; its branch?
 
         def step() -> PendingRound | None:
             while (item := _next_now(inbox)) is not _NOTHING:
@@ -244,17 +245,22 @@ class WispService(pb_grpc.WispServicer):
                 if (draft := self._draft_of(session, self._request_of(item))) is None:
                     return None  # the edge closed the session
                 recent.append(self._streamed(session, draft))
-            drafts, proposals, round_number = (), (), 0
+            drafts, proposals, verifies = (), (), (0, False)
             for streamed in reversed(recent):
-                if (fitting := self._fitting(session, streamed)) is not None:
-                    drafts, proposals, round_number = *fitting, streamed.round
+                if (start := self._fitting(session, streamed.position, streamed.drafts)) is not None:
+                    end = start + session.next_drafts
+                    drafts, proposals = streamed.drafts[start:end], streamed.proposals[start:end]
+                    verifies = (streamed.round, False)
                     break
-            rounds.append(round_number)
+                if (start := self._fitting(session, streamed.position, streamed.branch)) is not None:
+                    drafts, verifies = streamed.branch[start : start + session.next_drafts], (streamed.round, True)
+                    break
+            rounds.append(verifies)
             return self._queue(session, drafts, proposals)
 
         with contextlib.closing(self._decode_steps(session, step, context)) as steps:
             for verdict, pending in steps:
-                verdict.round = rounds.popleft()
+                verdict.round, verdict.branch = rounds.popleft()
                 verdict.accepted_token_ids.extend(pending.request.drafts[: verdict.num_accepted])
                 self.metrics.server_decoded_tokens.inc(not pending.request.drafts and verdict.HasField("next_token"))
                 yield pb.SpeculateResponse(verdict=verdict)
@@ -263,17 +269,18 @@ class WispService(pb_grpc.WispServicer):
         """A server-paced session's DraftRound, checked: it may follow an older position, never a later one."""
         if draft.position > len(session.context):
             raise _misplaced(session, draft)
-        return _StreamedRound(draft.round, draft.position, *self._round_tokens(draft))
+        branch = tuple(draft.branch_token_ids)
+        self._check_drafts(branch, "branch")
+        return _StreamedRound(draft.round, draft.position, *self._round_tokens(draft), branch)
 
     @staticmethod
-    def _fitting(session: Session, streamed: _StreamedRound) -> tuple[tuple[int, ...], tuple] | None:
-        """The streamed drafts to verify now: those after what was committed since the round's position, if its
-        leading drafts are that; at most `Session.next_drafts`."""
-        committed = tuple(session.context[streamed.position :])
-        if streamed.drafts[: len(committed)] != committed:
+    def _fitting(session: Session, position: int, drafts: tuple[int, ...]) -> int | None:
+        """Where the streamed ``drafts`` after ``position`` still to verify start: after what was committed
+        since, if their leading drafts are that and some follow (None: they do not fit)."""
+        committed = tuple(session.context[position:])
+        if len(drafts) <= len(committed) or drafts[: len(committed)] != committed:
             return None
-        start, end = len(committed), len(committed) + session.next_drafts
-        return streamed.drafts[start:end], streamed.proposals[start:end]
+        return len(committed)
 
     def _decode_steps(
         self,
@@ -618,17 +625,20 @@ class WispService(pb_grpc.WispServicer):
 
     def _round_tokens(self, draft: pb.DraftRound) -> tuple[tuple[int, ...], tuple]:
         """A round's drafts and their proposals, checked against the server's limits and the vocabulary."""
-        if len(draft.token_ids) > self.config.max_draft_tokens:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"draft of {len(draft.token_ids)} tokens exceeds the server's max_draft_tokens="
-                f"{self.config.max_draft_tokens} (see GetServerInfo)",
-            )
-        self._check_token_ids(list(draft.token_ids), "draft")
+        self._check_drafts(draft.token_ids, "draft")
         try:
             return tuple(draft.token_ids), draft_distributions(draft, self.engine.info.vocab_size)
         except ValueError as error:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+
+    def _check_drafts(self, drafts: Sequence[int], what: str) -> None:
+        if len(drafts) > self.config.max_draft_tokens:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{what} of {len(drafts)} tokens exceeds the server's max_draft_tokens="
+                f"{self.config.max_draft_tokens} (see GetServerInfo)",
+            )
+        self._check_token_ids(list(drafts), what)
 
     def _queue(
         self, session: Session, drafts: tuple[int, ...], proposals: tuple, arrival: float | None = None

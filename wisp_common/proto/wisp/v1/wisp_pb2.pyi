@@ -93,16 +93,18 @@ class OpenSession(_message.Message):
     def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ..., accept_server_decoding: _Optional[bool] = ..., server_paced: _Optional[bool] = ..., known_features: _Optional[int] = ...) -> None: ...
 
 class DraftRound(_message.Message):
-    __slots__ = ("round", "position", "token_ids", "draft_probabilities")
+    __slots__ = ("round", "position", "token_ids", "draft_probabilities", "branch_token_ids")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     round: int
     position: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probabilities: _containers.RepeatedCompositeFieldContainer[DraftProbabilities]
-    def __init__(self, round: _Optional[int] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probabilities: _Optional[_Iterable[_Union[DraftProbabilities, _Mapping]]] = ...) -> None: ...
+    branch_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, round: _Optional[int] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probabilities: _Optional[_Iterable[_Union[DraftProbabilities, _Mapping]]] = ..., branch_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftProbabilities(_message.Message):
     __slots__ = ("token_ids", "probs")
@@ -175,7 +177,7 @@ class TargetFeatures(_message.Message):
     def __init__(self, position: _Optional[int] = ..., rows: _Optional[int] = ..., dim: _Optional[int] = ..., float16: _Optional[bytes] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints", "features", "server_decoding", "num_drafts", "accepted_token_ids")
+    __slots__ = ("round", "num_accepted", "next_token", "finished", "finish_reason", "position", "timings", "hints", "features", "server_decoding", "num_drafts", "accepted_token_ids", "branch")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,7 @@ class Verdict(_message.Message):
     SERVER_DECODING_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
     round: int
     num_accepted: int
     next_token: int
@@ -200,7 +203,8 @@ class Verdict(_message.Message):
     server_decoding: bool
     num_drafts: int
     accepted_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., features: _Optional[_Union[TargetFeatures, _Mapping]] = ..., server_decoding: _Optional[bool] = ..., num_drafts: _Optional[int] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    branch: bool
+    def __init__(self, round: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token: _Optional[int] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., position: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., hints: _Optional[_Union[Hints, _Mapping]] = ..., features: _Optional[_Union[TargetFeatures, _Mapping]] = ..., server_decoding: _Optional[bool] = ..., num_drafts: _Optional[int] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ..., branch: _Optional[bool] = ...) -> None: ...
 
 class SpeculateResponse(_message.Message):
     __slots__ = ("opened", "verdict")
