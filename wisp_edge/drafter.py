@@ -58,11 +58,16 @@ def runner_up_signals(first: DraftSignals) -> DraftSignals:
     return replace(first, top1=first.top1 - first.margin, margin=0.0, lookup=False, runner_up=None)
 
 
-def signals_of(logits: torch.Tensor) -> DraftSignals:
+def signals_of(logits: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> tuple[DraftSignals, list[int]]:
+    """The draft's confidence in its likeliest token, and its two likeliest tokens' ids (in the vocabulary)."""
     probs = logits.float().softmax(-1)
-    top = probs.topk(2).values.tolist() if probs.numel() > 1 else [float(probs[0]), 0.0]
     entropy = -float((probs * probs.clamp_min(1e-12).log()).sum())
-    return DraftSignals(top[0], entropy, top[0] - top[1])
+    if probs.numel() == 1:
+        return DraftSignals(float(probs[0]), entropy, float(probs[0])), []
+    top = probs.topk(2)
+    ids = top.indices if vocab_ids is None else vocab_ids[top.indices]
+    (first, second), best = top.values.tolist(), [int(i) for i in ids]
+    return DraftSignals(first, entropy, first - second), best
 
 
 class Drafter(ABC):
@@ -115,16 +120,14 @@ class Drafter(ABC):
         if out is None:
             return None
         logits, vocab_ids = out
-        signals = signals_of(logits)
+        signals, best = signals_of(logits, vocab_ids)
         copied = self._copied(signals.top1)
         proposal = None
         if copied is not None:
             token, signals = copied[0], replace(signals, lookup=True, suffix=copied[1])
         else:
             token, proposal = self._pick(logits, vocab_ids)
-        if logits.numel() > 1:
-            top2 = logits.topk(2).indices
-            best = [int(i) for i in (top2 if vocab_ids is None else vocab_ids[top2])]
+        if best:
             signals = replace(signals, runner_up=best[1] if best[0] == token else best[0])
         self.pending.append(token)
         self.signals.append(signals)
