@@ -46,7 +46,7 @@ demo: $(STAMP)
 	$(PY) deploy/demo.py
 
 test: $(STAMP) lint
-	$(PY) -m pytest -v --durations=15
+	$(PY) -m pytest -v --durations=40
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
