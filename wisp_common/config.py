@@ -205,8 +205,8 @@ class EdgeConfig:
     )
     branch: bool = _opt(
         True,
-        "server-paced, greedy: beside the drafts that guess the token of the server's step in flight, also stream "
-        "drafts after the draft's runner-up for it; the next step verifies whichever fits",
+        "server-paced, greedy: with the drafts that guess the token of the server's step in flight, also send "
+        "(in the same message) drafts after the draft's runner-up for it; the next step verifies whichever fits",
     )
     dtype: str = _opt("float32", "draft weights and activations (auto: bfloat16 where the hardware has it)", DTYPES)
     device: str = _opt("auto", "device the draft runs on (auto: CUDA where present, e.g. a Jetson, else cpu)")
