@@ -88,3 +88,23 @@ def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp
     for plot in ("goodput", "slo_attainment", "latency_cdf", "capacity_vs_tpot_slo"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
     assert regime in (tmp_path / "summary.md").read_text()
+
+
+def test_real_edge_devices_run_the_draft_on_this_host(tmp_path):
+    """`--devices real`, for small fleets: each device runs the shipped draft itself (nothing is recorded or
+    replayed), through the same emulated link; its rounds verify real drafts."""
+    command = [sys.executable, "-m", "wisp_bench.cli", "run", "--regime", "real", "--engine", "hf"]
+    command += ["--devices", "real", "--limit", str(PROMPTS), "--max-new-tokens", str(TOKENS)]
+    command += ["--sizes", "1", "--sessions-per-device", "2", "--configs", "wisp", "centralized"]
+    result = subprocess.run([*command, "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert "real edge devices" in payload["regime"] and not (tmp_path / "answers.jsonl").exists()
+    wisp = next(s for s in payload["summaries"] if s["config"] == "wisp")
+    assert wisp["completed"] == 2 and wisp["acceptance_rate"] > 0 and wisp["tokens_per_round"] > 1.0, wisp
+
+
+def test_real_edge_devices_refuse_the_modeled_regime_with_a_feature_conditioned_draft(tmp_path):
+    command = [sys.executable, "-m", "wisp_bench.cli", "run", "--regime", "modeled", "--devices", "real"]
+    result = subprocess.run([*command, "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--devices real needs --regime real" in result.stderr, result.stderr

@@ -3,6 +3,7 @@
 wisp-bench run                                  # the default sweep, real regime: the real target on this host
 wisp-bench run --regime modeled                 # the same devices against a modeled GPU (A100-80GB, a 32B target)
 wisp-bench run --configs wisp centralized --sizes 1 2 4 8 16 --fleet laptop:1,jetson-orin-nano:1
+wisp-bench run --devices real --sizes 1 2       # small fleets of real edges: the draft model runs on this host
 wisp-bench record                               # only record the workload (the target's answers, the draft's chains)
 wisp-bench validate                             # replayed devices against real edge processes, side by side
 wisp-bench compare A.json B.json
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from wisp_bench import metrics, report
 from wisp_bench.devices import ABLATIONS, CONFIGURATIONS, Configuration, DeviceRun, run_device
-from wisp_bench.record import RecordSettings, record
+from wisp_bench.record import RecordSettings, real_drafters, record
 from wisp_bench.replay import Recording, write_answers
 from wisp_bench.server_metrics import during, scrape
 from wisp_bench.trace import RequestTrace
@@ -86,6 +87,14 @@ def main_parser() -> argparse.ArgumentParser:
         help="real: the real target on this host; modeled: exact verdicts, a GPU cost model's time",
     )
     run.add_argument("--gpu-model", default="a100-80gb/qwen3-32b", help="modeled regime: the GPU and target")
+    run.add_argument(
+        "--devices",
+        choices=("replayed", "real"),
+        default="replayed",
+        help="replayed: each device replays the recorded drafts at its profile's pace (no draft runs here); real: "
+        "each runs the real draft model on this host's cores, at this host's pace (small fleets: they share the "
+        "cores with the server); the network is the profile's either way",
+    )
     run.add_argument(
         "--fleet", default="laptop:1", help="device classes and their mix, e.g. laptop:1,jetson-orin-nano:2"
     )
@@ -154,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             args.sizes = args.sizes or ([1, 2, 4, 8] if args.regime == "real" else [4, 8, 16, 32])
             args.slo = args.slo or ("default=2.0/0.25" if args.regime == "real" else "default=1.0/0.1")
-        prompts, prompt_ids, recordings = prepare(args)
+            if (problem := devices_problem(args)) is not None:
+                print(f"wisp-bench: {problem}", file=sys.stderr)
+                return 2
+        # Real devices against the real target need no recordings: nothing is replayed, no verdict modeled.
+        replays = args.command != "run" or args.devices == "replayed" or args.regime == "modeled"
+        prompts, prompt_ids, recordings = prepare(args, replays)
         if args.command == "record":
             print(f"{len(recordings)} prompts recorded")
             return 0
@@ -166,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def prepare(args: argparse.Namespace):
-    """The workload's prompts, encoded as the real edge would, and their recordings."""
+def prepare(args: argparse.Namespace, recorded: bool = True):
+    """The workload's prompts, encoded as the real edge would, and their recordings (none unless ``recorded``)."""
     from tqdm import tqdm
 
     from wisp_common.models import load_tokenizer
@@ -176,12 +190,31 @@ def prepare(args: argparse.Namespace):
     prompts = load_workload_prompts(args.prompts, args.limit)
     tokenizer = load_tokenizer(args.draft_model)
     prompt_ids = [encode_prompt(tokenizer, p.text, chat=True) for p in prompts]
-    settings = RecordSettings(
-        args.target_model, args.draft_model, args.max_new_tokens, 2 * args.draft_tokens, args.dtype, args.engine
-    )
+    if not recorded:
+        return prompts, prompt_ids, []
+    settings = record_settings(args)
     with tqdm(total=len(prompts), desc="recording the workload", unit="prompt", leave=False) as bar:
         recordings = record(settings, prompt_ids, progress=lambda done, _: bar.update(done - bar.n))
     return prompts, prompt_ids, recordings
+
+
+def devices_problem(args: argparse.Namespace) -> str | None:
+    """Why the run's devices cannot be what it asks, if they cannot."""
+    from wisp_common.eagle import is_eagle_model
+    from wisp_common.models import resolve_model
+
+    if args.devices == "real" and args.regime != "real" and is_eagle_model(resolve_model(args.draft_model)):
+        return (
+            f"--devices real needs --regime real with {args.draft_model}: it drafts from the target's features, "
+            "which the modeled engine does not compute (or use --devices replayed)"
+        )
+    return None
+
+
+def record_settings(args: argparse.Namespace) -> RecordSettings:
+    return RecordSettings(
+        args.target_model, args.draft_model, args.max_new_tokens, 2 * args.draft_tokens, args.dtype, args.engine
+    )
 
 
 def scaled_fleet(spec: FleetSpec, size: int) -> FleetSpec:
@@ -230,12 +263,20 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     answers = args.output_dir / "answers.jsonl"
-    write_answers(answers, recordings)
+    if recordings:
+        write_answers(answers, recordings)
     fleet_spec = FleetSpec.parse(args.fleet)
     slos = SloSpec.parse(args.slo, known={name for name, _ in fleet_spec.classes})
     draft_path = resolve_model(args.draft_model)
     identity = draft_identity(args.draft_model)
     regime = regime_label(args)
+    wants_features = is_eagle_model(draft_path) and args.regime == "real"
+    real_drafter = None
+    if args.devices == "real":
+        import torch
+
+        torch.set_num_threads(1)  # one core per device's draft, as the laptop profile measured it
+        real_drafter = real_drafters(record_settings(args))
     traces: dict[tuple[str, float], list[RequestTrace]] = {}
     server_figures: dict[str, dict] = {}  # per "config/load": what the server saw (batch sizes, estimator error)
     loads = args.rates or args.sizes
@@ -270,9 +311,10 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
                 predictor=AcceptancePredictor.beside(draft_path),
                 draft_tokens=args.draft_tokens,
                 max_new_tokens=args.max_new_tokens,
-                wants_features=args.regime == "real" and is_eagle_model(draft_path),
+                wants_features=wants_features,
                 seed=args.seed,
                 clock_zero=time.monotonic(),
+                real_drafter=real_drafter,
             )
             before = scrape(server.metrics_port)
             traces[(name, load)] = run_fleet(devices, plan, slos, run, lambda _: bar.update())
@@ -425,9 +467,10 @@ def draft_identity(draft_model: str):
 
 def regime_label(args: argparse.Namespace) -> str:
     """Every result says which regime it comes from."""
+    devices = ", real edge devices (the draft on this host)" if args.devices == "real" else ""
     if args.regime == "modeled":
-        return f"modeled GPU {args.gpu_model} (verdicts of {args.target_model})"
-    return f"real: {args.target_model} {args.dtype}, {cpu_name()}"
+        return f"modeled GPU {args.gpu_model} (verdicts of {args.target_model}){devices}"
+    return f"real: {args.target_model} {args.dtype}, {cpu_name()}{devices}"
 
 
 def cpu_name() -> str:

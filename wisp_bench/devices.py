@@ -1,8 +1,9 @@
 """Emulated devices: each one a thread that runs its sessions against the server through its own emulated link.
 
 A speculative device is the real edge (`EdgeClient`, its controller and pipelining) with a `ReplayDrafter` in
-place of the draft model. A centralized device asks the server to generate everything (`Generate`), through
-the same emulated network: its first token pays the round trip, its stream the bandwidth.
+place of the draft model, or, for small fleets (`wisp-bench run --devices real`), with the real draft model
+running on this host. A centralized device asks the server to generate everything (`Generate`), through the
+same emulated network: its first token pays the round trip, its stream the bandwidth.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -24,6 +25,7 @@ from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import Slo
 from wisp_edge.client import EdgeClient
 from wisp_edge.controller import AcceptancePredictor, AdaptiveSpeculation, FixedLength
+from wisp_edge.drafter import Drafter
 from wisp_server.ngram import VLLM_NGRAM_EXAMPLE
 
 
@@ -73,6 +75,8 @@ class DeviceRun:
     wants_features: bool  # the real draft asks for the target's features (their bytes cross the link)
     seed: int
     clock_zero: float  # the benchmark's time 0 (monotonic)
+    # Real devices: a new drafter of the real draft model on this host (`drafter_factory`); None: replayed.
+    real_drafter: Callable[[], Drafter] | None = field(default=None, compare=False)
 
 
 def run_device(
@@ -88,11 +92,13 @@ def run_device(
     channel = emulated_channel(run.address, link.uplink_delay, link.downlink_delay)
     client = None
     if run.configuration.speculation is not None:
-        client = replayed_edge(
+        if run.real_drafter is not None:
+            drafter = run.real_drafter()
+        else:
+            drafter = replay_drafter(run.recordings, device.profile.draft_seconds_per_token, run.wants_features)
+        client = edge_client(
             channel,
-            run.recordings,
-            device.profile.draft_seconds_per_token,
-            run.wants_features,
+            drafter,
             run.identity,
             pb.DeviceInfo(device_id=device.device_id, kind=device.profile.name),
             run.predictor if run.configuration.speculation == "adaptive" else None,
@@ -128,11 +134,17 @@ def run_device(
         channel.close()
 
 
-def replayed_edge(
+def replay_drafter(recordings: list[Recording], seconds_per_token: float, wants_features: bool) -> ReplayDrafter:
+    """A device's drafter that replays the recorded drafts at its profile's pace; it asks for the target's
+    features where the real draft would (their bytes cross the link)."""
+    drafter = ReplayDrafter(recordings, seconds_per_token)
+    drafter.wants_features = wants_features
+    return drafter
+
+
+def edge_client(
     channel: grpc.Channel,
-    recordings: list[Recording],
-    seconds_per_token: float,
-    wants_features: bool,
+    drafter: Drafter,
     identity: pb.ModelIdentity,
     device: pb.DeviceInfo | None,
     predictor: AcceptancePredictor | None,
@@ -140,11 +152,9 @@ def replayed_edge(
     pacing: str = "edge",
     branch: bool = True,
 ) -> EdgeClient:
-    """The real edge with a `ReplayDrafter`. With a ``predictor`` it is adaptive (its own copy of the predictor, as
+    """The real edge with ``drafter``. With a ``predictor`` it is adaptive (its own copy of the predictor, as
     each real edge has) and lets the server decode where no draft pays, as WISP's edges do; without one it drafts
     a fixed length."""
-    drafter = ReplayDrafter(recordings, seconds_per_token)
-    drafter.wants_features = wants_features
     if predictor is None:
         return EdgeClient(channel, drafter, identity, device, FixedLength, pipeline)
     mode = AdaptiveSpeculation.mode_with(AcceptancePredictor(predictor.weights.copy()))

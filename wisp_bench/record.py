@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,16 +38,25 @@ def cache_path(settings: RecordSettings, prompts: list[list[int]]) -> Path:
     return cache_dir().parent / "bench" / f"recordings-{key}.json"
 
 
+def real_drafters(settings: RecordSettings) -> Callable:
+    """The real drafter that recordings replay, loaded once: a new one per call (the draft model with the edge's
+    prompt lookup)."""
+    from wisp_common.config import EdgeConfig
+    from wisp_edge.draft_loader import drafter_factory
+    from wisp_edge.lookup import PromptLookup
+
+    lookup = PromptLookup.of(EdgeConfig(lookup_ngram=settings.lookup_ngram, lookup_below=settings.lookup_below))
+    return drafter_factory(settings.draft_model, dtype=settings.dtype, lookup=lookup)
+
+
 def record(settings: RecordSettings, prompts: list[list[int]], progress=None) -> list[Recording]:
     """Recordings for ``prompts`` (token ids), from the cache where they were made before."""
     path = cache_path(settings, prompts)
     if path.exists():
         log.info("recordings from %s", path)
         return load_recordings(path)
-    from wisp_common.config import EdgeConfig, ServerConfig
+    from wisp_common.config import ServerConfig
     from wisp_distill.data import answer
-    from wisp_edge.draft_loader import drafter_factory
-    from wisp_edge.lookup import PromptLookup
     from wisp_server.engines.factory import build_engine
 
     started = time.monotonic()
@@ -65,8 +75,7 @@ def record(settings: RecordSettings, prompts: list[list[int]], progress=None) ->
     )
     indexed = dict(enumerate(prompts))
     samples = dict(answer(engine, indexed, answer_tokens, len(prompts), eos=None))
-    lookup = PromptLookup.of(EdgeConfig(lookup_ngram=settings.lookup_ngram, lookup_below=settings.lookup_below))
-    make_drafter = drafter_factory(settings.draft_model, dtype=settings.dtype, lookup=lookup)
+    make_drafter = real_drafters(settings)
     recordings = []
     for index, prompt in enumerate(prompts):
         sample = samples[index]

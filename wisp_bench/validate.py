@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from wisp_bench.devices import replayed_edge
+from wisp_bench.devices import edge_client, replay_drafter
 from wisp_bench.replay import Recording
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_edge.controller import AcceptancePredictor
@@ -102,9 +102,8 @@ def replayed_devices(
     def device(d: int) -> None:
         channel = grpc.insecure_channel(address)
         pipeline = predictor is not None
-        client = replayed_edge(
-            channel, recordings, seconds_per_token, wants_features, identity, None, predictor, pipeline
-        )
+        drafter = replay_drafter(recordings, seconds_per_token, wants_features)
+        client = edge_client(channel, drafter, identity, None, predictor, pipeline)
         for i in range(d, len(prompt_ids), devices):
             result = client.generate(prompt_ids[i], max_new_tokens=max_new_tokens, draft_tokens=draft_tokens)
             s = result.stats
