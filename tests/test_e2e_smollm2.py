@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_greedy_equal, reference_greedy
+from helpers import assert_greedy_equal, reference_greedy, reference_greedy_batch
 
 from wisp_common.models import load_causal_lm
 from wisp_common.prompts import encode_prompt
@@ -59,8 +59,9 @@ def server(request):
 def references(smollm2_tokenizer):
     """The target and its own greedy answers to PROMPTS, computed once for both engines."""
     target = load_causal_lm("smollm2-135m-instruct")
-    prompt_ids = {p: encode_prompt(smollm2_tokenizer, p, chat=True) for p in PROMPTS}
-    return target, {p: (ids, reference_greedy(target, ids, NEW_TOKENS)) for p, ids in prompt_ids.items()}
+    prompt_ids = [encode_prompt(smollm2_tokenizer, p, chat=True) for p in PROMPTS]
+    answers = reference_greedy_batch(target, prompt_ids, NEW_TOKENS)
+    return target, {p: (ids, answer) for p, ids, answer in zip(PROMPTS, prompt_ids, answers)}
 
 
 def edge_command(address: str, *args: str) -> list[str]:
