@@ -62,6 +62,14 @@ def open_paced(stub, tokenizer, max_new_tokens: int) -> tuple[queue.Queue, Itera
     return requests, responses
 
 
+def paced_verdicts(responses: Iterator[pb.SpeculateResponse]) -> Iterator[tuple[pb.Verdict, list[int]]]:
+    """A server-paced session's verdicts, each with the tokens committed so far (one list, grown in place)."""
+    committed: list[int] = []
+    for verdict in (r.verdict for r in responses):
+        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
+        yield verdict, committed
+
+
 def call(stub, messages) -> list[pb.SpeculateResponse]:
     return list(stub.Speculate(iter(messages), timeout=30))
 
@@ -264,10 +272,9 @@ def test_a_server_paced_session_verifies_the_streamed_drafts_that_fit(stub, smol
     steps verify it; every verdict names the drafts it accepted, and the text is the target's."""
     reference = reference_greedy(target_model, PROMPT, 24)
     requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
-    verdicts, committed = [], []
-    for verdict in (r.verdict for r in responses):
+    verdicts = []
+    for verdict, committed in paced_verdicts(responses):
         verdicts.append(verdict)
-        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
         assert verdict.position == len(PROMPT) + len(committed)
         if not verdict.finished:  # the answer from here on, as an edge with a perfect draft would stream it
             requests.put(draft_request(verdict.position, reference[len(committed) : len(committed) + 6]))
@@ -284,11 +291,10 @@ def test_a_server_paced_step_verifies_whichever_of_the_newest_rounds_fits(stub, 
     newest round that fits, also where a newer one does not. The text stays the target's."""
     reference = reference_greedy(target_model, PROMPT, 24)
     requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
-    verdicts, committed, number = [], [], 0
+    verdicts, number = [], 0
     right_rounds: dict[int, bool] = {}  # the rounds of the target's answer: whether a wrong one came after them
-    for verdict in (r.verdict for r in responses):
+    for verdict, committed in paced_verdicts(responses):
         verdicts.append(verdict)
-        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
         if verdict.finished:
             break
         right = reference[len(committed) : len(committed) + 6]
@@ -312,10 +318,9 @@ def test_a_rounds_branch_is_verified_where_its_first_guess_does_not_fit(stub, sm
     the first where it fits, else the branch, and says which (`Verdict.branch`). An oversized branch is refused."""
     reference = reference_greedy(target_model, PROMPT, 24)
     requests, responses = open_paced(stub, smollm2_tokenizer, max_new_tokens=24)
-    verdicts, committed, right_is_branch = [], [], {}
-    for verdict in (r.verdict for r in responses):
+    verdicts, right_is_branch = [], {}
+    for verdict, committed in paced_verdicts(responses):
         verdicts.append(verdict)
-        committed += [*verdict.accepted_token_ids, *([verdict.next_token] if verdict.HasField("next_token") else [])]
         if verdict.finished:
             break
         right = reference[len(committed) : len(committed) + 6]

@@ -247,13 +247,9 @@ class WispService(pb_grpc.WispServicer):
                 recent.append(self._streamed(session, draft))
             drafts, proposals, verifies = (), (), (0, False)
             for streamed in reversed(recent):
-                if (start := self._fitting(session, streamed.position, streamed.drafts)) is not None:
-                    end = start + session.next_drafts
-                    drafts, proposals = streamed.drafts[start:end], streamed.proposals[start:end]
-                    verifies = (streamed.round, False)
-                    break
-                if (start := self._fitting(session, streamed.position, streamed.branch)) is not None:
-                    drafts, verifies = streamed.branch[start : start + session.next_drafts], (streamed.round, True)
+                if (fitting := self._fitting(session, streamed)) is not None:
+                    drafts, proposals, branch = fitting
+                    verifies = (streamed.round, branch)
                     break
             rounds.append(verifies)
             return self._queue(session, drafts, proposals)
@@ -274,13 +270,16 @@ class WispService(pb_grpc.WispServicer):
         return _StreamedRound(draft.round, draft.position, *self._round_tokens(draft), branch)
 
     @staticmethod
-    def _fitting(session: Session, position: int, drafts: tuple[int, ...]) -> int | None:
-        """Where the streamed ``drafts`` after ``position`` still to verify start: after what was committed
-        since, if their leading drafts are that and some follow (None: they do not fit)."""
-        committed = tuple(session.context[position:])
-        if len(drafts) <= len(committed) or drafts[: len(committed)] != committed:
-            return None
-        return len(committed)
+    def _fitting(session: Session, streamed: _StreamedRound) -> tuple[tuple[int, ...], tuple, bool] | None:
+        """The streamed drafts to verify now, their proposals, and whether they are the round's branch: those
+        after what was committed since the round's position, from its first guess if its leading drafts are that
+        and some follow, else from its branch if that fits so; at most `Session.next_drafts`."""
+        committed = tuple(session.context[streamed.position :])
+        start, end = len(committed), len(committed) + session.next_drafts
+        for drafts, proposals, branch in ((streamed.drafts, streamed.proposals, False), (streamed.branch, (), True)):
+            if len(drafts) > start and drafts[:start] == committed:
+                return drafts[start:end], proposals[start:end], branch
+        return None
 
     def _decode_steps(
         self,
