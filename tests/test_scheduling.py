@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
+import grpc
 import numpy as np
 import pytest
+from helpers import running_server
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -188,6 +191,61 @@ def test_estimator_follows_a_machine_that_changes_speed():
         estimator.observe(shapes, 2 * true_time(shapes))
     shapes = random_shapes(rng)
     assert abs(estimator.estimate(shapes) / (2 * true_time(shapes)) - 1) < 0.1
+
+
+def test_a_saved_fit_is_taken_up_only_by_the_server_it_was_saved_for(tmp_path, caplog):
+    """A restarted server starts from the last one's least-squares sums, and learns on from them exactly as the
+    last one would have; a fit for another engine, target or hardware, or a damaged file, is ignored."""
+    saved, path = trained_estimator(batches=50, seed=2), tmp_path / "fit.json"
+    identity = {"engine": "HFEngine", "target": "abc", "hardware": "AMD EPYC, 2 cores, avx2", "threads": 0}
+    saved.save(path, identity)
+    restored = VerificationTimeEstimator()
+    assert restored.load(path, identity) and restored.observations == 50
+    rng = random.Random(9)
+    for _ in range(20):
+        shapes = random_shapes(rng)
+        assert restored.estimate(shapes) == pytest.approx(saved.estimate(shapes), rel=1e-12)
+        saved.observe(shapes, true_time(shapes))
+        restored.observe(shapes, true_time(shapes))
+    assert restored.coefficients == pytest.approx(saved.coefficients, rel=1e-9)
+
+    for other in ({**identity, "hardware": "Intel Xeon, 2 cores, avx2 avx512f"}, {**identity, "threads": 1}):
+        assert not VerificationTimeEstimator().load(path, other)
+    assert not VerificationTimeEstimator(padded=True).load(path, identity)  # the engine's batch shape differs
+    assert not VerificationTimeEstimator().load(tmp_path / "none.json", identity)
+    path.write_text('{"format": 1, "identity"')
+    fresh = VerificationTimeEstimator()
+    assert not fresh.load(path, identity) and fresh.observations == 0 and fresh.estimate(random_shapes(rng)) == 0
+    assert "ignoring the saved estimator fit" in caplog.text
+
+
+def test_a_restarted_server_starts_from_the_fit_its_predecessor_saved(tiny_pair, tmp_path, monkeypatch, caplog):
+    """The first start profiles; at stop the fit, with what serving taught it, is saved; the next start on the same
+    engine, target and hardware takes it up instead of profiling, unless told not to."""
+    from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
+    from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
+
+    monkeypatch.setenv("WISP_CACHE_DIR", str(tmp_path / "models"))
+    caplog.set_level(logging.INFO, logger="wisp_server")
+    with running_server(tiny_pair[0], engine="hf") as first:
+        profiled = first.estimator.observations
+        with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], stop=pb.StopCondition(max_new_tokens=4))
+            assert len(list(pb_grpc.WispStub(channel).Generate(request))) >= 1
+    assert "estimator profiled" in caplog.text
+    assert first.estimator.observations > profiled  # serving's batches, saved with the profile's
+    assert len(list((tmp_path / "estimator").glob("fit-*.json"))) == 1
+
+    caplog.clear()
+    with running_server(tiny_pair[0], engine="hf") as second:
+        assert second.estimator.observations == first.estimator.observations
+        assert second.estimator.coefficients == pytest.approx(first.estimator.coefficients, rel=1e-9)
+    assert "starting from the fit saved" in caplog.text and "estimator profiled" not in caplog.text
+
+    caplog.clear()
+    with running_server(tiny_pair[0], engine="hf", estimator_cache=False):
+        pass
+    assert "estimator profiled" in caplog.text
 
 
 def test_estimator_of_a_padding_engine_counts_every_sequence_as_wide_as_the_widest():

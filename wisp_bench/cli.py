@@ -467,23 +467,12 @@ def draft_identity(draft_model: str):
 
 def regime_label(args: argparse.Namespace) -> str:
     """Every result says which regime it comes from."""
+    from wisp_common.models import hardware_name
+
     devices = ", real edge devices (the draft on this host)" if args.devices == "real" else ""
     if args.regime == "modeled":
         return f"modeled GPU {args.gpu_model} (verdicts of {args.target_model}){devices}"
-    return f"real: {args.target_model} {args.dtype}, {cpu_name()}{devices}"
-
-
-def cpu_name() -> str:
-    import os
-    import re
-
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return f"{os.cpu_count()} cores"
-    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", cpuinfo)]
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(isa)}"
+    return f"real: {args.target_model} {args.dtype}, {hardware_name()}{devices}"
 
 
 def default_tpot_slos(by_config: dict[str, dict[int, list[RequestTrace]]], smallest: int) -> list[float]:

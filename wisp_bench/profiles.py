@@ -413,18 +413,6 @@ def _statistic(times: list[float], statistic: str) -> float:
     raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -448,12 +436,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "measure":
         import os
 
+        from wisp_common.models import hardware_name
+
         load = os.getloadavg()
         draft = draft_step_times(args.draft, args.tokens, args.turns, args.context, args.threads, None, args.evict_mib)
         warm = draft_step_times(args.draft, args.tokens, args.turns, args.context, args.threads)
         overhead, calls = overhead_step_times(args.draft, args.tokens, args.turns, args.context, args.threads)
         result = {
-            "cpu": _cpu_name(),
+            "cpu": hardware_name(),
             "threads": args.threads,
             "context": args.context,
             "load_average_before": load,

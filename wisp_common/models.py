@@ -150,6 +150,24 @@ def has_native_bf16(device: str = "cpu") -> bool:
         return False
 
 
+def hardware_name(device: str = "cpu") -> str:
+    """What computes on ``device``, as a measured figure or fit is labelled: a CUDA device's name, or the CPU's
+    model, its cores and the vector instruction sets that set its speed (CPUs differ from one machine to the next)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        import platform
+
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", cpuinfo)]
+    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(isa)}".strip()
+
+
 def cpu_has_bf16(cpuinfo: str) -> bool:
     """Whether /proc/cpuinfo's flags (x86) or features (Arm) name a bfloat16 instruction set."""
     return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo) is not None

@@ -8,7 +8,9 @@ the same terms): a fixed launch cost, a cost per sequence, per new token
 (attention reads the KV of every earlier token), and per uncached prompt
 token (prefill). The estimator fits those coefficients by least squares:
 first from a short profile at start-up, then from every executed batch,
-with older observations slowly forgotten so it follows the machine.
+with older observations slowly forgotten so it follows the machine. The fit is
+kept on disk (`fit_path`), so a server restarted on the same engine, target and
+hardware starts from what the last one learnt instead of profiling again.
 
 An engine that pads a batch to its widest sequence (the hf engine) pays for
 every sequence as if it were that wide; the estimator then counts each one so.
@@ -16,13 +18,21 @@ every sequence as if it were that wide; the estimator then counts each one so.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class SequenceShape:
 
 
 FEATURES = ("launch", "sequences", "new_tokens", "attention", "prefill")
+FIT_FORMAT = 1  # of a saved fit; a fit of another format is not read
 
 
 def sequence_features(shape: SequenceShape, computed: SequenceShape | None = None) -> np.ndarray:
@@ -120,9 +131,63 @@ class VerificationTimeEstimator:
             self._xtx = self.forgetting * self._xtx + np.outer(x, x)
             self._xty = self.forgetting * self._xty + x * seconds
             self.observations += 1
-            scale = np.trace(self._xtx) / len(FEATURES)
-            regularised = self._xtx + self.ridge * scale * np.eye(len(FEATURES))
-            self._coef = np.linalg.solve(regularised, self._xty)
+            self._refit()
+
+    def _refit(self) -> None:
+        scale = np.trace(self._xtx) / len(FEATURES)
+        regularised = self._xtx + self.ridge * scale * np.eye(len(FEATURES))
+        self._coef = np.linalg.solve(regularised, self._xty)
+
+    def save(self, path: Path, identity: dict[str, str | int]) -> None:
+        """Writes the fit to ``path`` for the server ``identity`` describes: the least-squares sums, not only the
+        coefficients, so that a server starting from it goes on learning where this one stopped."""
+        with self._lock:
+            state = {
+                "format": FIT_FORMAT,
+                "identity": identity,
+                "features": FEATURES,
+                "padded": self.padded,
+                "observations": self.observations,
+                "xtx": self._xtx.tolist(),
+                "xty": self._xty.tolist(),
+            }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+        with os.fdopen(handle, "w") as out:
+            json.dump(state, out)
+        os.replace(temporary, path)  # whole or not at all: another server may be reading it
+
+    def load(self, path: Path, identity: dict[str, str | int]) -> bool:
+        """Starts from the fit saved at ``path``, if it was saved for this ``identity`` in this format; False (and
+        nothing changed) where there is none, or it is for another server, or it cannot be read."""
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as error:
+            log.warning("ignoring the saved estimator fit %s (%s); profiling instead", path, error)
+            return False
+        if not (
+            isinstance(state, dict)
+            and state.get("format") == FIT_FORMAT
+            and state.get("identity") == json.loads(json.dumps(identity))
+            and state.get("features") == list(FEATURES)
+            and state.get("padded") == self.padded
+        ):
+            return False
+        xtx, xty = np.array(state["xtx"], dtype=float), np.array(state["xty"], dtype=float)
+        if (
+            xtx.shape != (len(FEATURES),) * 2
+            or xty.shape != (len(FEATURES),)
+            or not np.isfinite(xtx).all()
+            or not np.isfinite(xty).all()
+        ):
+            log.warning("ignoring the saved estimator fit %s (malformed); profiling instead", path)
+            return False
+        with self._lock:
+            self._xtx, self._xty, self.observations = xtx, xty, int(state["observations"])
+            self._refit()
+        return True
 
     @property
     def mape(self) -> float | None:
@@ -136,11 +201,20 @@ class VerificationTimeEstimator:
             return dict(zip(FEATURES, map(float, self._coef)))
 
 
+def fit_path(identity: dict[str, str | int]) -> Path:
+    """Where the fit of a server ``identity`` describes is kept: ``$WISP_CACHE_DIR/../estimator``, by a hash of it."""
+    from wisp_common.models import cache_dir
+
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir().parent / "estimator" / f"fit-{key}.json"
+
+
 def profile(engine, estimator: VerificationTimeEstimator, max_sessions: int, max_context: int, max_drafts: int) -> None:
     """Times a small grid of synthetic batches so the estimator is useful from the first request.
 
     Sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}: 6 s (vllm) to 22 s (hf) for the default target on
-    a 2-core CPU, most of it the 16 sessions' prefills; `--no-profile-estimator` skips it (it then learns online).
+    a 2-core CPU, most of it the 16 sessions' prefills; `--no-profile-estimator` skips it (it then learns online),
+    and a server that finds a fit saved for it (`fit_path`) starts from that instead.
     """
     import random
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor
@@ -22,7 +23,7 @@ from wisp_common.config import (
     grpc_message_options,
     keepalive_options,
 )
-from wisp_common.models import resolve_device, resolve_dtype
+from wisp_common.models import hardware_name, resolve_device, resolve_dtype
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_common.request import RETRY_AFTER_KEY, SERVER_LOADING_KEY
@@ -30,7 +31,7 @@ from wisp_common.systemd import notify
 from wisp_server.auth import access_interceptors, listen
 from wisp_server.engines.base import VerificationEngine
 from wisp_server.engines.factory import build_engine, engine_kind
-from wisp_server.estimator import VerificationTimeEstimator, profile
+from wisp_server.estimator import VerificationTimeEstimator, fit_path, profile
 from wisp_server.metrics import ServerMetrics
 from wisp_server.ngram import NgramSpeculation
 from wisp_server.scheduler import POLICIES, BatchLimits, BatchScheduler, SchedulingPolicy, SLEDPolicy, WispPolicy
@@ -46,6 +47,29 @@ def make_policy(config: ServerConfig, estimator: VerificationTimeEstimator) -> S
     if config.policy == "wisp":
         return WispPolicy(limits, estimator, urgency=config.wisp_urgency, max_wait=config.wisp_max_wait)
     return POLICIES[config.policy](limits, estimator)
+
+
+def estimator_identity(config: ServerConfig, engine: VerificationEngine) -> dict[str, str | int]:
+    """What a verification step's cost depends on: a saved estimator fit is reused only where all of it matches."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return ""
+
+    device = resolve_device(config.device)
+    parallel = f"tp{config.tensor_parallel_size} pp{config.pipeline_parallel_size}"
+    return {
+        "engine": type(engine).__name__,
+        "target": engine.info.target_fingerprint or engine.info.model_name,
+        "dtype": resolve_dtype(config.dtype, device),
+        "hardware": hardware_name(device),
+        "threads": config.threads,
+        "settings": f"{parallel} prefix caching {config.prefix_caching} {config.vllm_engine_args}",
+        "software": " ".join(f"{p} {installed(p)}" for p in ("torch", "transformers", "vllm")),
+    }
 
 
 WISP_SERVICE = pb.DESCRIPTOR.services_by_name["Wisp"]
@@ -135,6 +159,7 @@ class WispServer:
         self.scheduler: BatchScheduler | None = None
         self.service: WispService | None = None
         self._engine = engine
+        self._fit_file: tuple[Path, dict[str, str | int]] | None = None  # where the estimator's fit is kept
         self._serving = False
         self.metrics.serving.set_function(lambda: float(self._serving))
         # Set when the server should stop: a signal, or an engine that died (then `fatal` says why).
@@ -177,15 +202,7 @@ class WispServer:
         config = self.config
         self.estimator = VerificationTimeEstimator(padded=engine.pads_batches)
         if config.profile_estimator and engine.verifies_any_prompt:  # else it learns from the first batches
-            started = time.monotonic()
-            batch_sessions = min(config.max_batch_sessions, config.max_sessions)
-            profile(engine, self.estimator, batch_sessions, config.max_context_tokens, config.max_draft_tokens)
-            log.info(
-                "verification time estimator profiled in %.1fs: MAPE %.1f%% over %d batches",
-                time.monotonic() - started,
-                self.estimator.mape or 0.0,
-                self.estimator.observations,
-            )
+            self._seed_estimator(engine)
         self.scheduler = BatchScheduler(
             engine, make_policy(config, self.estimator), self.estimator, self.metrics, on_fatal=self._engine_died
         )
@@ -194,6 +211,41 @@ class WispServer:
         self._wisp.attach(self.service)
         self._serving = True
         self._report_health()
+
+    def _seed_estimator(self, engine: VerificationEngine) -> None:
+        """Starts the estimator from the fit the last server on this engine, target and hardware saved
+        (`--estimator-cache`), else from a start-up profile; it is saved again at stop, with what this run learnt."""
+        config, estimator = self.config, self.estimator
+        identity = estimator_identity(config, engine)
+        path = fit_path(identity) if config.estimator_cache else None
+        if path is not None and estimator.load(path, identity):
+            log.info(
+                "verification time estimator: starting from the fit saved in %s (%d batches; --no-estimator-cache "
+                "profiles anew)",
+                path,
+                estimator.observations,
+            )
+        else:
+            started = time.monotonic()
+            batch_sessions = min(config.max_batch_sessions, config.max_sessions)
+            profile(engine, estimator, batch_sessions, config.max_context_tokens, config.max_draft_tokens)
+            log.info(
+                "verification time estimator profiled in %.1fs: MAPE %.1f%% over %d batches",
+                time.monotonic() - started,
+                estimator.mape or 0.0,
+                estimator.observations,
+            )
+        if path is not None:
+            self._fit_file = (path, identity)
+            self._save_fit()
+
+    def _save_fit(self) -> None:
+        if self._fit_file is None or self.estimator is None:
+            return
+        try:
+            self.estimator.save(*self._fit_file)
+        except OSError as error:  # a read-only home: the next start profiles, nothing worse
+            log.warning("cannot save the estimator's fit to %s: %s", self._fit_file[0], error)
 
     @property
     def serving(self) -> bool:
@@ -220,6 +272,7 @@ class WispServer:
             self.service.drain(self.config.shutdown_grace if grace is None else grace)
         if self.scheduler is not None:
             self.scheduler.stop()  # rounds still waiting fail UNAVAILABLE too
+        self._save_fit()
         self._grpc.stop(1.0).wait()
         self.metrics.close()
 
