@@ -497,3 +497,19 @@ def test_compare_matches_regime():
     assert all(r.ratio is None for r in rows)
     assert all(r.a is None or r.b is None for r in rows)  # no point is matched across regimes
     assert {(r.a, r.b) for r in rows if r.figure == "completed"} == {(None, 5), (5, None)}
+
+
+def test_the_servers_figures_between_two_scrapes_on_hand_made_samples():
+    """What wisp-bench reports of the server at a point: deltas of its counters, per batch or per output token."""
+    from wisp_bench.server_metrics import during
+
+    before = {"wisp_batch_size_count": 10, "wisp_batch_size_sum": 30, "wisp_output_tokens_total": 100}
+    before |= {"wisp_stream_messages_total": 250, "process_cpu_seconds_total": 4.0, "wisp_verify_seconds_sum": 1.0}
+    after = {"wisp_batch_size_count": 30, "wisp_batch_size_sum": 110, "wisp_output_tokens_total": 300}
+    after |= {"wisp_stream_messages_total": 750, "process_cpu_seconds_total": 5.0, "wisp_verify_seconds_sum": 2.0}
+    figures = during(before, after)
+    assert figures["batches"] == 20 and figures["mean_batch_size"] == 4.0 and figures["mean_verify_ms"] == 50.0
+    assert figures["messages_per_token"] == 2.5  # 500 messages, both directions, for 200 tokens
+    assert figures["server_cpu_ms_per_token"] == pytest.approx(5.0)  # 1 s of CPU for 200 tokens
+    idle = during(after, after)
+    assert idle["batches"] == 0 and idle["messages_per_token"] is None and idle["server_cpu_ms_per_token"] is None

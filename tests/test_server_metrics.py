@@ -75,16 +75,22 @@ class Stream:
     def __init__(self, stub: pb_grpc.WispStub):
         self._requests: queue.Queue = queue.Queue()
         self._responses: Iterator[pb.SpeculateResponse] = stub.Speculate(iter(self._requests.get, None), timeout=60)
+        self.sent = self.received = 0  # messages
 
     def send(self, request: pb.SpeculateRequest | None) -> None:
         self._requests.put(request)
+        self.sent += request is not None
 
     def receive(self) -> pb.SpeculateResponse:
-        return next(self._responses)
+        response = next(self._responses)
+        self.received += 1
+        return response
 
     def rest(self) -> list[pb.SpeculateResponse]:
         self.send(None)
-        return list(self._responses)
+        responses = list(self._responses)
+        self.received += len(responses)
+        return responses
 
 
 def open_session(tokenizer, kind: str, slo: pb.Slo | None = None) -> pb.SpeculateRequest:
@@ -108,11 +114,13 @@ class Run:
 
     def __init__(self) -> None:
         self.rounds: list[tuple[str, int, int]] = []  # (device kind label, drafts, accepted)
-        self.generate_tokens = 0
+        self.streams: list[Stream] = []
+        self.generate_tokens = self.generate_responses = 0
 
     def speculate(self, stub, tokenizer, reference: list[int], kind: str, label: str, rounds: int, **slo) -> None:
         """Drafts the target's own next tokens (the third one wrong) for ``rounds`` rounds or until finished."""
         stream = Stream(stub)
+        self.streams.append(stream)
         stream.send(open_session(tokenizer, kind, pb.Slo(**slo) if slo else None))
         position = stream.receive().opened.position
         for _ in range(rounds):
@@ -132,6 +140,7 @@ class Run:
         responses = list(stub.Generate(request, timeout=60))
         assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
         self.generate_tokens = sum(len(r.token_ids) for r in responses)
+        self.generate_responses = len(responses)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +167,7 @@ def run(tiny_pair, smollm2_tokenizer):
         edges.speculate(stub, smollm2_tokenizer, reference, "laptop", "laptop", 1)
         # A round at the wrong position: refused, the session ends in an error.
         stream = Stream(stub)
+        edges.streams.append(stream)
         stream.send(open_session(smollm2_tokenizer, "laptop"))
         stream.receive()
         stream.send(draft(len(PROMPT) + 5, [1]))
@@ -214,6 +224,15 @@ def test_speculative_decoding_counters_agree_with_the_verdicts(run):
         )
     assert total(samples, "wisp_rounds_total") == len(edges.rounds) + edges.generate_tokens
     assert total(samples, "wisp_output_tokens_total") == MAX_NEW * 2 + (edges.rounds[-1][2] + 1) + 5
+
+
+def test_every_stream_message_is_counted_by_direction(run):
+    """What the edges sent (opens, drafts, the refused stream's misplaced round) and received (opened, verdicts,
+    Generate's responses), message for message."""
+    _, edges, samples = run
+    assert total(samples, "wisp_stream_messages_total", direction="received") == sum(s.sent for s in edges.streams)
+    received = sum(s.received for s in edges.streams) + edges.generate_responses
+    assert total(samples, "wisp_stream_messages_total", direction="sent") == received > len(edges.rounds)
 
 
 def test_latency_and_slo(run):

@@ -349,11 +349,12 @@ def warm_up(address: str, prompt_ids: list[list[int]]) -> None:
 
 
 def server_table(server: dict[str, dict]) -> str:
-    """What the server saw at each point: its batches, its estimator's error and its own time per round."""
+    """What the server saw at each point: its batches, its estimator's error, its own time per round, and what an
+    output token cost its host (stream messages, CPU)."""
     rows = [
         "| config/devices | batches | mean batch | mean verify ms | mean queue ms | estimator MAPE % "
-        "| server overhead ms | refused |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server overhead ms | refused | messages/token | server CPU ms/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for point, f in server.items():
         cells = [
@@ -364,6 +365,8 @@ def server_table(server: dict[str, dict]) -> str:
             f["estimator_mape_percent"],
             f.get("mean_round_overhead_ms"),
             f.get("refused"),
+            f.get("messages_per_token"),
+            f.get("server_cpu_ms_per_token"),
         ]
         rows.append(f"| {point} | " + " | ".join("-" if c is None else f"{c:.1f}" for c in cells) + " |")
     return "\n".join(rows)

@@ -18,13 +18,14 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def during(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
-    """The server's figures between two scrapes: batches, their mean size and time, the estimator's error, and the
-    server's own time per round."""
+    """The server's figures between two scrapes: batches, their mean size and time, the estimator's error, the
+    server's own time per round, and its messages and CPU time per output token."""
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    batches = delta("wisp_batch_size_count")
+    batches, tokens = delta("wisp_batch_size_count"), delta("wisp_output_tokens_total")
+    messages = delta("wisp_stream_messages_total")  # both directions
     return {
         "batches": batches,
         "mean_batch_size": delta("wisp_batch_size_sum") / batches if batches else None,
@@ -39,4 +40,8 @@ def during(before: dict[str, float], after: dict[str, float]) -> dict[str, float
         "server_accepted_tokens": delta("wisp_accepted_tokens_total"),
         "server_decoded_tokens": delta("wisp_server_decoded_tokens_total"),
         "refused": delta("wisp_refused_requests_total"),  # opens and calls refused (full, rate-limited, bad)
+        # What each output token cost the server's host: its stream messages, and its process's CPU (the engine's
+        # too where it computes in the process; the modeled engine's GPU time is a sleep, so there it is all host).
+        "messages_per_token": messages / tokens if tokens else None,
+        "server_cpu_ms_per_token": 1000 * delta("process_cpu_seconds_total") / tokens if tokens else None,
     }

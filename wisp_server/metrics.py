@@ -57,6 +57,14 @@ class ServerMetrics:
         self.draft_tokens = Counter("wisp_draft_tokens_total", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter("wisp_accepted_tokens_total", "Draft tokens accepted", registry=r)
         self.output_tokens = Counter("wisp_output_tokens_total", "Tokens committed to outputs", registry=r)
+        messages = Counter(
+            "wisp_stream_messages_total",
+            "Messages of Speculate and Generate streams, by direction (each costs the server's Python gRPC a share of "
+            "a core, whatever it carries)",
+            ["direction"],
+            registry=r,
+        )
+        self.messages_received, self.messages_sent = messages.labels("received"), messages.labels("sent")
         self.server_decoded_tokens = Counter(
             "wisp_server_decoded_tokens_total",
             "Tokens of Speculate sessions the server decoded on its own, where no draft paid",

@@ -165,7 +165,8 @@ class WispService(pb_grpc.WispServicer):
         sent nothing for `session_idle_timeout` (a stalled edge)."""
         session, in_flight = None, None  # in_flight: a step the server queued on its own for the session
         inbox: queue.Queue = queue.Queue()
-        threading.Thread(target=_pump, args=(request_iterator, inbox), name="wisp-stream", daemon=True).start()
+        pump = (request_iterator, inbox, self.metrics.messages_received)
+        threading.Thread(target=_pump, args=pump, name="wisp-stream", daemon=True).start()
         context.add_callback(lambda: self._edge_left(inbox, session))
         try:
             first = self._next_request(inbox)
@@ -175,6 +176,7 @@ class WispService(pb_grpc.WispServicer):
                     "unknown session: a Speculate stream must start with an `open` message",
                 )
             session = self._open(first.open, inbox)
+            self.metrics.messages_sent.inc()
             yield pb.SpeculateResponse(
                 opened=pb.SessionOpened(
                     session_id=session.session_id,
@@ -198,6 +200,7 @@ class WispService(pb_grpc.WispServicer):
                         if self._decodes_itself(session, verdict, context):
                             # Queued before the verdict is sent, so the next batch has it, as Generate does.
                             verdict.server_decoding, in_flight = True, self._queue_decode_step(session)
+                        self.metrics.messages_sent.inc()
                         yield pb.SpeculateResponse(verdict=verdict)  # resumes once gRPC has sent it
                         if not (verdict.finished or verdict.server_decoding):
                             self._expect_next_round(session)  # before the engine thread chooses its next batch
@@ -259,6 +262,7 @@ class WispService(pb_grpc.WispServicer):
                 verdict.round, verdict.branch = rounds.popleft()
                 verdict.accepted_token_ids.extend(pending.request.drafts[: verdict.num_accepted])
                 self.metrics.server_decoded_tokens.inc(not pending.request.drafts and verdict.HasField("next_token"))
+                self.metrics.messages_sent.inc()
                 yield pb.SpeculateResponse(verdict=verdict)
 
     def _streamed(self, session: Session, draft: pb.DraftRound) -> _StreamedRound:
@@ -403,6 +407,7 @@ class WispService(pb_grpc.WispServicer):
             with contextlib.closing(steps):  # a step still queued is settled before the session closes
                 for verdict, step in steps:
                     accepted = list(step.request.drafts[: verdict.num_accepted])
+                    self.metrics.messages_sent.inc()
                     yield pb.GenerateResponse(
                         token_ids=accepted + ([verdict.next_token] if verdict.HasField("next_token") else []),
                         finished=verdict.finished,
@@ -764,10 +769,12 @@ def _next_now(inbox: queue.Queue):
         return _NOTHING
 
 
-def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue) -> None:
-    """Moves a stream's requests into its inbox; then None when the edge closes its side, or the error."""
+def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue, received) -> None:
+    """Moves a stream's requests into its inbox, counting them (``received``: a counter); then None when the edge
+    closes its side, or the error."""
     try:
         for request in requests:
+            received.inc()
             inbox.put(request)
         inbox.put(None)
     except grpc.RpcError as error:  # the stream ended under it: cancelled, or the server aborted it
