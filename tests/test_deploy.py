@@ -122,6 +122,8 @@ def test_the_server_exports_what_wisp_bench_and_the_issue_ask_for():
         "wisp_draft_tokens_total",
         "wisp_accepted_tokens_total",
         "wisp_server_decoded_tokens_total",
+        "wisp_output_tokens_total",
+        "wisp_stream_messages_total",
         # vLLM's spec-decode counters, mirrored
         "wisp_spec_decode_num_drafts_total",
         "wisp_spec_decode_num_draft_tokens_total",
