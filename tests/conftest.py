@@ -32,6 +32,16 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def estimator_fits(tmp_path_factory):
+    """Server processes the tests start keep their estimator's fit in one directory of this run's (each profiles
+    once per engine and target, and the rest start from its fit), never in the user's cache."""
+    directory = tmp_path_factory.mktemp("estimator")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WISP_ESTIMATOR_CACHE", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     return load_tokenizer("smollm2-135m-instruct")

@@ -122,6 +122,7 @@ def running_server(target: str, **options) -> Iterator:
     from wisp_server.server import WispServer
 
     defaults = dict(port=0, metrics_port=-1, max_sessions=4, max_draft_tokens=6, max_context_tokens=256, device="cpu")
+    defaults["estimator_cache"] = "none"  # each profiles for itself: no test starts from another's fit
     config = ServerConfig(target_model=target, **{**defaults, **options})
     server = WispServer(config, build_engine(config))
     server.start()

@@ -6,6 +6,7 @@ Real server and edge processes over loopback sockets; the only fake is the injec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -186,6 +187,21 @@ def test_sigterm_finishes_the_round_in_flight_and_sends_the_session_elsewhere(
         assert result.token_ids == reference_greedy(target_model, PROMPT, 160) and result.stats.resumes >= 1
         assert any("shutting down" in line for line in leaving.log)
         assert metrics(staying)["wisp_sessions_total"] >= 1
+
+
+@pytest.mark.parametrize("storm", [False, True])
+def test_ctrl_c_stops_the_server_however_often_it_comes(tiny_pair, storm):
+    """SIGINT once, or a storm of them for a fifth of a second (Ctrl-C pressed again and again, or sent to a wrapper
+    and its child at once): the server shuts down and exits 0. A handler that set the server's stop Event itself
+    deadlocked in a few storms in 30 and died of a RecursionError in most of the others."""
+    with tiny_server(tiny_pair[0]) as server:
+        server.process.send_signal(signal.SIGINT)
+        until = time.monotonic() + 0.2
+        while storm and time.monotonic() < until and server.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server.process.pid, signal.SIGINT)
+        assert server.process.wait(timeout=30) == 0
+        assert any("shutting down" in line for line in server.log)
 
 
 def test_a_full_server_gives_a_retry_hint_and_the_edge_gets_in_when_room_frees(

@@ -195,7 +195,8 @@ def test_estimator_follows_a_machine_that_changes_speed():
 
 def test_a_saved_fit_is_taken_up_only_by_the_server_it_was_saved_for(tmp_path, caplog):
     """A restarted server starts from the last one's least-squares sums, and learns on from them exactly as the
-    last one would have; a fit for another engine, target or hardware, or a damaged file, is ignored."""
+    last one would have; a fit saved for other hardware or threads, or a padding engine's, or a damaged file, is
+    ignored."""
     saved, path = trained_estimator(batches=50, seed=2), tmp_path / "fit.json"
     identity = {"engine": "HFEngine", "target": "abc", "hardware": "AMD EPYC, 2 cores, avx2", "threads": 0}
     saved.save(path, identity)
@@ -219,31 +220,31 @@ def test_a_saved_fit_is_taken_up_only_by_the_server_it_was_saved_for(tmp_path, c
     assert "ignoring the saved estimator fit" in caplog.text
 
 
-def test_a_restarted_server_starts_from_the_fit_its_predecessor_saved(tiny_pair, tmp_path, monkeypatch, caplog):
+def test_a_restarted_server_starts_from_the_fit_its_predecessor_saved(tiny_pair, tmp_path, caplog):
     """The first start profiles; at stop the fit, with what serving taught it, is saved; the next start on the same
     engine, target and hardware takes it up instead of profiling, unless told not to."""
     from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
     from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 
-    monkeypatch.setenv("WISP_CACHE_DIR", str(tmp_path / "models"))
+    fits = tmp_path / "fits"
     caplog.set_level(logging.INFO, logger="wisp_server")
-    with running_server(tiny_pair[0], engine="hf") as first:
+    with running_server(tiny_pair[0], engine="hf", estimator_cache=str(fits)) as first:
         profiled = first.estimator.observations
         with grpc.insecure_channel(f"127.0.0.1:{first.port}") as channel:
             request = pb.GenerateRequest(prompt_token_ids=[1, 2, 3], stop=pb.StopCondition(max_new_tokens=4))
             assert len(list(pb_grpc.WispStub(channel).Generate(request))) >= 1
     assert "estimator profiled" in caplog.text
     assert first.estimator.observations > profiled  # serving's batches, saved with the profile's
-    assert len(list((tmp_path / "estimator").glob("fit-*.json"))) == 1
+    assert len(list(fits.glob("fit-*.json"))) == 1
 
     caplog.clear()
-    with running_server(tiny_pair[0], engine="hf") as second:
+    with running_server(tiny_pair[0], engine="hf", estimator_cache=str(fits)) as second:
         assert second.estimator.observations == first.estimator.observations
         assert second.estimator.coefficients == pytest.approx(first.estimator.coefficients, rel=1e-9)
     assert "starting from the fit saved" in caplog.text and "estimator profiled" not in caplog.text
 
     caplog.clear()
-    with running_server(tiny_pair[0], engine="hf", estimator_cache=False):
+    with running_server(tiny_pair[0], engine="hf", estimator_cache="none"):
         pass
     assert "estimator profiled" in caplog.text
 

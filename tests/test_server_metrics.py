@@ -227,10 +227,11 @@ def test_speculative_decoding_counters_agree_with_the_verdicts(run):
 
 
 def test_every_stream_message_is_counted_by_direction(run):
-    """What the edges sent (opens, drafts, the refused stream's misplaced round) and received (opened, verdicts,
-    Generate's responses), message for message."""
+    """What the edges sent (opens, drafts, the refused stream's misplaced round, Generate's request) and received
+    (opened, verdicts, Generate's responses), message for message."""
     _, edges, samples = run
-    assert total(samples, "wisp_stream_messages_total", direction="received") == sum(s.sent for s in edges.streams)
+    sent = sum(s.sent for s in edges.streams) + 1  # and Generate's request
+    assert total(samples, "wisp_stream_messages_total", direction="received") == sent
     received = sum(s.received for s in edges.streams) + edges.generate_responses
     assert total(samples, "wisp_stream_messages_total", direction="sent") == received > len(edges.rounds)
 

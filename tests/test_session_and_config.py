@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from wisp_common.config import ServerConfig, add_config_arguments, config_from_args
-from wisp_common.models import cpu_has_bf16
+from wisp_common.models import cpu_has_bf16, cpu_name
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.request import SamplingParams, StopCondition
 from wisp_common.verification import Verification
@@ -73,6 +73,24 @@ def test_config_precedence_defaults_yaml_env_flags(tmp_path):
 )
 def test_dtype_auto_picks_bfloat16_only_where_the_cpu_computes_in_it(cpuinfo, native):
     assert cpu_has_bf16(cpuinfo) is native
+
+
+XEON = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16\n"
+PI5 = "Features\t: fp asimd evtstrm\nCPU implementer\t: 0x41\nCPU part\t: 0xd0b\nModel\t\t: Raspberry Pi 5\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, name",
+    [
+        ("model name\t: AMD EPYC\nmodel\t\t: 1\nflags\t\t: fpu sse2 avx2 fma\n", "AMD EPYC, 2 cores, avx2"),
+        (XEON, "Intel Xeon, 2 cores, avx2 avx512f avx512_bf16 amx_bf16"),
+        (PI5, "Raspberry Pi 5 0x41 0xd0b, 2 cores, asimd"),
+        ("processor\t: 0\n", "unknown CPU, 2 cores"),
+    ],
+)
+def test_a_cpu_is_named_by_its_model_cores_and_vector_instructions(cpuinfo, name):
+    """What labels a figure or a saved estimator fit: two Arm boards, or a pinned and an unpinned server, differ."""
+    assert cpu_name(cpuinfo, 2) == name
 
 
 def test_generated_stubs_match_the_proto(tmp_path):

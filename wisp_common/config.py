@@ -118,10 +118,11 @@ class ServerConfig:
     max_batch_tokens: int = _opt(1024, "new tokens (context tail plus drafts) in one batch")
     default_max_new_tokens: int = _opt(256, "used when a request does not set max_new_tokens")
     profile_estimator: bool = _opt(True, "time a grid of batches at start-up to seed the verification time estimator")
-    estimator_cache: bool = _opt(
-        True,
-        "keep the estimator's fit under $WISP_CACHE_DIR/../estimator at stop; a server with the same engine, target, "
-        "dtype, threads and hardware starts from it instead of profiling",
+    estimator_cache: str = _opt(
+        "auto",
+        "directory the profiled estimator's fit is saved in, at start-up and stop; a server with the same engine and "
+        "its settings, target, dtype, threads and hardware starts from it instead of profiling (auto: estimator/ "
+        "beside $WISP_CACHE_DIR; none: never saved; nothing is without the profile)",
     )
     sled_window: float = _opt(0.05, "sled policy: seconds the oldest round may wait for a full batch")
     wisp_urgency: float = _opt(0.05, "wisp policy: slack (seconds) under which a round is urgent")

@@ -152,20 +152,35 @@ def has_native_bf16(device: str = "cpu") -> bool:
 
 def hardware_name(device: str = "cpu") -> str:
     """What computes on ``device``, as a measured figure or fit is labelled: a CUDA device's name, or the CPU's
-    model, its cores and the vector instruction sets that set its speed (CPUs differ from one machine to the next)."""
+    model, the cores this process may use and the vector instruction sets that set its speed (CPUs differ from one
+    machine to the next)."""
     if device.startswith("cuda"):
         import torch
 
         return torch.cuda.get_device_name(torch.device(device))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux
         import platform
 
-        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if re.search(rf"\b{f}\b", cpuinfo)]
-    return f"{model.group(1).strip() if model else 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(isa)}".strip()
+        return f"{platform.processor() or platform.machine()}, {cores} cores"
+    return cpu_name(cpuinfo, cores)
+
+
+def cpu_name(cpuinfo: str, cores: int) -> str:
+    """The CPU /proc/cpuinfo describes: x86 names its model; Arm its implementer and part numbers, and some boards
+    a "Model" line; then the vector instruction sets among its flags (x86) or features (Arm)."""
+    names = []
+    for key in ("model name", "Model", "CPU implementer", "CPU part"):
+        if found := re.search(rf"^{key}\s*:\s*(.+)$", cpuinfo, re.MULTILINE):
+            names.append(found.group(1).strip())
+    isa = [
+        f
+        for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "bf16")
+        if re.search(rf"\b{f}\b", cpuinfo)
+    ]
+    return ", ".join([" ".join(names) or "unknown CPU", f"{cores} cores", *([" ".join(isa)] if isa else [])])
 
 
 def cpu_has_bf16(cpuinfo: str) -> bool:

@@ -153,9 +153,13 @@ class VerificationTimeEstimator:
             }
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-        with os.fdopen(handle, "w") as out:
-            json.dump(state, out)
-        os.replace(temporary, path)  # whole or not at all: another server may be reading it
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump(state, out)
+            os.replace(temporary, path)  # whole or not at all: another server may be reading it
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     def load(self, path: Path, identity: dict[str, str | int]) -> bool:
         """Starts from the fit saved at ``path``, if it was saved for this ``identity`` in this format; False (and
@@ -175,17 +179,18 @@ class VerificationTimeEstimator:
             and state.get("padded") == self.padded
         ):
             return False
-        xtx, xty = np.array(state["xtx"], dtype=float), np.array(state["xty"], dtype=float)
-        if (
-            xtx.shape != (len(FEATURES),) * 2
-            or xty.shape != (len(FEATURES),)
-            or not np.isfinite(xtx).all()
-            or not np.isfinite(xty).all()
-        ):
-            log.warning("ignoring the saved estimator fit %s (malformed); profiling instead", path)
+        try:
+            xtx, xty = np.array(state["xtx"], dtype=float), np.array(state["xty"], dtype=float)
+            observations = int(state["observations"])
+            if xtx.shape != (len(FEATURES),) * 2 or xty.shape != (len(FEATURES),):
+                raise ValueError("not a fit of this estimator's features")
+            if not (np.isfinite(xtx).all() and np.isfinite(xty).all()):
+                raise ValueError("not finite")
+        except (KeyError, TypeError, ValueError) as error:
+            log.warning("ignoring the saved estimator fit %s (%s); profiling instead", path, error)
             return False
         with self._lock:
-            self._xtx, self._xty, self.observations = xtx, xty, int(state["observations"])
+            self._xtx, self._xty, self.observations = xtx, xty, observations
             self._refit()
         return True
 
@@ -201,18 +206,19 @@ class VerificationTimeEstimator:
             return dict(zip(FEATURES, map(float, self._coef)))
 
 
-def fit_path(identity: dict[str, str | int]) -> Path:
-    """Where the fit of a server ``identity`` describes is kept: ``$WISP_CACHE_DIR/../estimator``, by a hash of it."""
+def fit_path(directory: str, identity: dict[str, str | int]) -> Path:
+    """Where the fit of the server ``identity`` describes is kept in ``directory`` (auto: ``estimator/`` beside
+    ``$WISP_CACHE_DIR``), by a hash of it."""
     from wisp_common.models import cache_dir
 
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir().parent / "estimator" / f"fit-{key}.json"
+    return (cache_dir().parent / "estimator" if directory == "auto" else Path(directory)) / f"fit-{key}.json"
 
 
 def profile(engine, estimator: VerificationTimeEstimator, max_sessions: int, max_context: int, max_drafts: int) -> None:
     """Times a small grid of synthetic batches so the estimator is useful from the first request.
 
-    Sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}: 6 s (vllm) to 22 s (hf) for the default target on
+    Sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}: 6 s (vllm) to 26 s (hf) for the default target on
     a 2-core CPU, most of it the 16 sessions' prefills; `--no-profile-estimator` skips it (it then learns online),
     and a server that finds a fit saved for it (`fit_path`) starts from that instead.
     """

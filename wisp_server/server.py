@@ -16,6 +16,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from wisp_common import __version__
 from wisp_common.config import (
     ServerConfig,
     add_config_arguments,
@@ -60,15 +61,16 @@ def estimator_identity(config: ServerConfig, engine: VerificationEngine) -> dict
             return ""
 
     device = resolve_device(config.device)
-    parallel = f"tp{config.tensor_parallel_size} pp{config.pipeline_parallel_size}"
     return {
         "engine": type(engine).__name__,
+        "settings": engine.cost_settings,  # vLLM's engine arguments: batch limits, parallelism, eager mode, ...
         "target": engine.info.target_fingerprint or engine.info.model_name,
         "dtype": resolve_dtype(config.dtype, device),
         "hardware": hardware_name(device),
         "threads": config.threads,
-        "settings": f"{parallel} prefix caching {config.prefix_caching} {config.vllm_engine_args}",
-        "software": " ".join(f"{p} {installed(p)}" for p in ("torch", "transformers", "vllm")),
+        "software": " ".join(
+            [f"wisp {__version__}", *(f"{p} {installed(p)}" for p in ("torch", "transformers", "vllm"))]
+        ),
     }
 
 
@@ -214,13 +216,15 @@ class WispServer:
 
     def _seed_estimator(self, engine: VerificationEngine) -> None:
         """Starts the estimator from the fit the last server on this engine, target and hardware saved
-        (`--estimator-cache`), else from a start-up profile; it is saved again at stop, with what this run learnt."""
+        (`--estimator-cache`), else from a start-up profile (then saved); at stop it is saved again, with what this
+        run learnt."""
         config, estimator = self.config, self.estimator
         identity = estimator_identity(config, engine)
-        path = fit_path(identity) if config.estimator_cache else None
+        path = None if config.estimator_cache == "none" else fit_path(config.estimator_cache, identity)
+        self._fit_file = None if path is None else (path, identity)
         if path is not None and estimator.load(path, identity):
             log.info(
-                "verification time estimator: starting from the fit saved in %s (%d batches; --no-estimator-cache "
+                "verification time estimator: starting from the fit saved in %s (%d batches; --estimator-cache none "
                 "profiles anew)",
                 path,
                 estimator.observations,
@@ -235,11 +239,10 @@ class WispServer:
                 estimator.mape or 0.0,
                 estimator.observations,
             )
-        if path is not None:
-            self._fit_file = (path, identity)
             self._save_fit()
 
     def _save_fit(self) -> None:
+        """Saves the estimator's fit where `_seed_estimator` found none, or took it from."""
         if self._fit_file is None or self.estimator is None:
             return
         try:
@@ -328,9 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     notify("READY=1")  # systemd Type=notify
 
+    # A handler only notes the signal: one that set `stopping` itself could run while this thread holds that
+    # Event's lock, on its way out of wait() after an earlier signal, and deadlock (Ctrl-C pressed twice).
+    signalled: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stopping.set())
-    server.stopping.wait()
+        signal.signal(sig, lambda number, _: signalled.append(number))
+    while not signalled and not server.stopping.wait(0.2):
+        pass
     notify("STOPPING=1")
     if server.fatal is not None:
         log.critical("exiting: the engine failed and cannot recover (%s)", server.fatal)

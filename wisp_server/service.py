@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -53,6 +54,9 @@ from wisp_server.scheduler import (
 )
 from wisp_server.session import Session
 from wisp_server.speculation_length import Load, goodput_optimal_drafts
+
+if TYPE_CHECKING:
+    from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +403,7 @@ class WispService(pb_grpc.WispServicer):
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """The target alone: every round is an empty draft, or vLLM's n-gram proposals (--generate-speculation)."""
         session = None
+        self.metrics.messages_received.inc()  # the request: a stream of one
         try:
             if isinstance(request, MalformedRequest):
                 raise request.refusal()
@@ -769,7 +774,7 @@ def _next_now(inbox: queue.Queue):
         return _NOTHING
 
 
-def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue, received) -> None:
+def _pump(requests: Iterator[pb.SpeculateRequest], inbox: queue.Queue, received: Counter) -> None:
     """Moves a stream's requests into its inbox, counting them (``received``: a counter); then None when the edge
     closes its side, or the error."""
     try:

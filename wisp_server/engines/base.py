@@ -72,6 +72,7 @@ class VerificationEngine(ABC):
     name: str
     info: EngineInfo
     pads_batches: bool = False  # every sequence of a batch is computed as wide as the widest (the estimator's model)
+    cost_settings: str = ""  # the engine's own settings a step's time depends on (a saved estimator fit's key)
     verifies_any_prompt: bool = True  # False: only prompts it knows, so the start-up profile of random ones cannot run
 
     @abstractmethod

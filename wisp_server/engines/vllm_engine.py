@@ -352,6 +352,9 @@ class VllmVerificationEngine(VerificationEngine):
         self.info = info
         self.max_draft_tokens = config.max_draft_tokens
         keywords = engine_args(config, model_path, dtype, settings)
+        self.cost_settings = json.dumps(
+            {k: v for k, v in keywords.items() if k != "model"}, sort_keys=True, default=str
+        )
         self.max_model_len = keywords["max_model_len"]
         self.block_size = keywords["block_size"]
         self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
