@@ -218,7 +218,7 @@ def fit_path(directory: str, identity: dict[str, str | int]) -> Path:
 def profile(engine, estimator: VerificationTimeEstimator, max_sessions: int, max_context: int, max_drafts: int) -> None:
     """Times a small grid of synthetic batches so the estimator is useful from the first request.
 
-    Sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}: 6 s (vllm) to 26 s (hf) for the default target on
+    Sessions {1, 4, 16} x contexts {32, 256} x drafts {0, max}: 21 s (vllm) to 26 s (hf) for the default target on
     a 2-core CPU, most of it the 16 sessions' prefills; `--no-profile-estimator` skips it (it then learns online),
     and a server that finds a fit saved for it (`fit_path`) starts from that instead.
     """
