@@ -90,6 +90,8 @@ def test_a_small_sweep_writes_every_figure_for_every_configuration(workload, tmp
     for plot in ("goodput", "slo_attainment", "latency_cdf", "capacity_vs_tpot_slo"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000
     assert regime in (tmp_path / "summary.md").read_text()
+    fits = list((tmp_path / "estimator-fits").glob("fit-*.json"))  # one profile, the later servers start from it
+    assert len(fits) == (1 if regime == "real" else 0)
 
 
 def test_real_edge_devices_run_the_draft_on_this_host(tmp_path):

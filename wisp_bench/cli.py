@@ -250,7 +250,8 @@ def server_args(args: argparse.Namespace, configuration: Configuration, load: fl
         common += ["--max-batch-sessions", str(sessions), "--max-batch-tokens", str(tokens)]
     if args.regime == "modeled":
         return [*common, "--engine", "modeled", "--gpu-model", args.gpu_model, "--answers", str(answers)]
-    return [*common, "--engine", args.engine]
+    # The estimator's fits stay with the results: a sweep starts from none, whatever ran on this machine before.
+    return [*common, "--engine", args.engine, "--estimator-cache", str(args.output_dir / "estimator-fits")]
 
 
 def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording]) -> int:
