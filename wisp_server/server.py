@@ -52,25 +52,18 @@ def make_policy(config: ServerConfig, estimator: VerificationTimeEstimator) -> S
 
 def estimator_identity(config: ServerConfig, engine: VerificationEngine) -> dict[str, str | int]:
     """What a verification step's cost depends on: a saved estimator fit is reused only where all of it matches."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(package: str) -> str:
-        try:
-            return version(package)
-        except PackageNotFoundError:
-            return ""
+    import torch
+    import transformers
 
     device = resolve_device(config.device)
     return {
         "engine": type(engine).__name__,
-        "settings": engine.cost_settings,  # vLLM's engine arguments: batch limits, parallelism, eager mode, ...
+        "settings": engine.cost_settings,  # vLLM's release and engine arguments: batch limits, parallelism, ...
         "target": engine.info.target_fingerprint or engine.info.model_name,
         "dtype": resolve_dtype(config.dtype, device),
         "hardware": hardware_name(device),
         "threads": config.threads,
-        "software": " ".join(
-            [f"wisp {__version__}", *(f"{p} {installed(p)}" for p in ("torch", "transformers", "vllm"))]
-        ),
+        "software": f"wisp {__version__}, torch {torch.__version__}, transformers {transformers.__version__}",
     }
 
 

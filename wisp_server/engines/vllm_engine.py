@@ -342,7 +342,8 @@ class VllmVerificationEngine(VerificationEngine):
 
     def __init__(self, config: ServerConfig, info: EngineInfo, model_path: str, dtype: str, device: str):
         """``config`` gives the limits; the model's path, dtype and device come resolved."""
-        check_vllm_version(installed_vllm_version())
+        version = installed_vllm_version()
+        check_vllm_version(version)
         settings = device_settings(device, config.threads)
         configure_environment(settings)
         from vllm import EngineArgs, LLMEngine
@@ -352,9 +353,8 @@ class VllmVerificationEngine(VerificationEngine):
         self.info = info
         self.max_draft_tokens = config.max_draft_tokens
         keywords = engine_args(config, model_path, dtype, settings)
-        self.cost_settings = json.dumps(
-            {k: v for k, v in keywords.items() if k != "model"}, sort_keys=True, default=str
-        )
+        cost = {k: v for k, v in keywords.items() if k != "model"}
+        self.cost_settings = json.dumps({"vllm": version, **cost}, sort_keys=True, default=str)
         self.max_model_len = keywords["max_model_len"]
         self.block_size = keywords["block_size"]
         self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
