@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         server.stop(grace=0)
         raise
     server.serve(engine)
+    # Before the server says it is ready, so a stop sent on that news finds them. A handler only notes the
+    # signal: one that set `stopping` itself could run while this thread holds that Event's lock, on its way out
+    # of wait() after an earlier signal, and deadlock (Ctrl-C pressed twice).
+    signalled: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda number, _: signalled.append(number))
     # Scripts and tests wait for this line; with --port 0 it is the only way to learn the port.
     metrics = f"metrics on :{server.metrics_port}/metrics, " if server.metrics_port else ""
     print(
@@ -323,12 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     notify("READY=1")  # systemd Type=notify
-
-    # A handler only notes the signal: one that set `stopping` itself could run while this thread holds that
-    # Event's lock, on its way out of wait() after an earlier signal, and deadlock (Ctrl-C pressed twice).
-    signalled: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, _: signalled.append(number))
     while not signalled and not server.stopping.wait(0.2):
         pass
     notify("STOPPING=1")
