@@ -10,7 +10,7 @@ import pytest
 from helpers import running_server
 
 from wisp_bench.channel import emulated_channel
-from wisp_bench.replay import Recording, ReplayDrafter, load_recordings, save_recordings
+from wisp_bench.replay import Recording, ReplayDrafter, load_recordings, save_recordings, synthetic_recordings
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_common.proto.wisp.v1 import wisp_pb2_grpc as pb_grpc
 from wisp_edge.drafter import DraftSignals
@@ -71,6 +71,44 @@ def test_drafting_takes_the_devices_time_per_token():
 def test_recordings_survive_the_round_trip_through_their_file(tmp_path):
     save_recordings(tmp_path / "r.json", [RECORDING], {"seed": 0})
     assert load_recordings(tmp_path / "r.json") == [RECORDING]
+
+
+@pytest.mark.parametrize("accuracy", [0.0, 0.3, 0.8, 1.0])
+def test_a_synthetic_draft_is_right_at_its_accuracy_and_replays_like_a_recorded_one(accuracy):
+    """`wisp-bench run --draft-accuracy`: each position's draft is the target's token at about that share of
+    positions, the same from every context (chains agree with each other along the answer), wrong ones are never
+    the target's, signals say the accuracy, and a seed gives the same draft again."""
+    answer = [(7 * i) % 50 for i in range(3000)]
+    recording = Recording([1, 2, 3], answer, [[] if i == 0 else chain(0, 0, 0, 0) for i in range(2990)])
+    (synthetic,) = synthetic_recordings([recording], accuracy, seed=5)
+    assert (synthetic.prompt, synthetic.answer) == (recording.prompt, recording.answer)
+    assert [len(c) for c in synthetic.chains] == [len(c) for c in recording.chains]
+    firsts = [c[0][0] for c in synthetic.chains[1:]]
+    right = [token == answer[i] for i, token in enumerate(firsts, start=1)]
+    assert sum(right) / len(right) == pytest.approx(accuracy, abs=0.03)
+    for i, c in enumerate(synthetic.chains[1:-4], start=1):
+        assert [token for token, _ in c] == firsts[i - 1 : i + 3]  # position i + j drafted alike from i and i + j
+        assert all(s.top1 == accuracy and s.runner_up is None for _, s in c)
+    assert synthetic_recordings([recording], accuracy, seed=5) == [synthetic]
+    if 0 < accuracy < 1:
+        assert synthetic_recordings([recording], accuracy, seed=6) != [synthetic]
+    drafter = ReplayDrafter([synthetic], seconds_per_token=0.0)
+    drafter.start([1, 2, 3])
+    drafter.commit(0, answer[0])
+    assert drafter.draft(4) == firsts[:4]
+    copied = Recording([1], [5, 6, 7], [[], chain(*range(10)), chain(*range(10))])  # a lookup's long copies
+    assert [len(c) for c in synthetic_recordings([copied], accuracy, seed=5)[0].chains] == [0, 2, 1]
+
+
+def test_a_what_if_draft_needs_replayed_devices(tmp_path, capsys):
+    from wisp_bench.cli import main
+
+    args = ["run", "--devices", "real", "--draft-accuracy", "0.7", "--output-dir", str(tmp_path)]
+    assert main(args) == 2
+    assert "--draft-accuracy replaces replayed drafts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--draft-accuracy", "1.5"])
+    assert "1.5 is not between 0 and 1" in capsys.readouterr().err
 
 
 def test_the_emulated_link_delays_every_message_each_way(tiny_pair):

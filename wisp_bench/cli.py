@@ -22,7 +22,7 @@ from pathlib import Path
 from wisp_bench import metrics, report
 from wisp_bench.devices import ABLATIONS, CONFIGURATIONS, Configuration, DeviceRun, run_device
 from wisp_bench.record import RecordSettings, real_drafters, record
-from wisp_bench.replay import Recording, write_answers
+from wisp_bench.replay import Recording, synthetic_recordings, write_answers
 from wisp_bench.server_metrics import during, scrape
 from wisp_bench.trace import RequestTrace
 from wisp_bench.workload import (
@@ -139,6 +139,13 @@ def main_parser() -> argparse.ArgumentParser:
         help="TPOT SLOs (s) for the capacity curve (default: 0.5x to 3x the median TPOT of centralized serving at "
         "the smallest fleet, about a batch-1 decode step)",
     )
+    run.add_argument(
+        "--draft-accuracy",
+        type=share,
+        default=None,
+        help="what-if: replace the recorded drafts by a synthetic draft that proposes the target's own token at "
+        "this share of positions (0 to 1, seeded), to see what a better draft would buy; every result is labelled",
+    )
     run.add_argument("--output-dir", type=Path, default=RESULTS)
     record_command = commands.add_parser("record", help="record the workload once (it is cached)")
     add_workload_arguments(record_command)
@@ -174,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "validate":
             return run_validation(args, prompts, prompt_ids, recordings)
+        if args.draft_accuracy is not None:
+            recordings = synthetic_recordings(recordings, args.draft_accuracy, args.seed)
         return sweep(args, prompts, prompt_ids, recordings)
     except KeyboardInterrupt:
         print("\nwisp-bench: interrupted", file=sys.stderr)
@@ -208,7 +217,17 @@ def devices_problem(args: argparse.Namespace) -> str | None:
             f"--devices real needs --regime real with {args.draft_model}: it drafts from the target's features, "
             "which the modeled engine does not compute (or use --devices replayed)"
         )
+    if args.devices == "real" and args.draft_accuracy is not None:
+        return "--draft-accuracy replaces replayed drafts: use it with --devices replayed"
     return None
+
+
+def share(text: str) -> float:
+    """A command-line share: a number from 0 to 1."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
 
 
 def record_settings(args: argparse.Namespace) -> RecordSettings:
@@ -474,6 +493,9 @@ def regime_label(args: argparse.Namespace) -> str:
     from wisp_common.models import hardware_name
 
     devices = ", real edge devices (the draft on this host)" if args.devices == "real" else ""
+    if args.draft_accuracy is not None:
+        accuracy = f"{args.draft_accuracy:.0%}"
+        devices += f"; what-if: a synthetic draft right at {accuracy} of positions, not {args.draft_model}"
     if args.regime == "modeled":
         return f"modeled GPU {args.gpu_model} (verdicts of {args.target_model}){devices}"
     return f"real: {args.target_model} {args.dtype}, {hardware_name()}{devices}"

@@ -19,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -69,6 +71,27 @@ def record_chains(make_drafter, prompt: Sequence[int], answer: Sequence[int], fe
         rows = features[: len(prompt)] if i == 0 else features[len(prompt) + i - 1 : len(prompt) + i]
         drafter.commit(0, token, rows.float())
     return chains
+
+
+def synthetic_recordings(recordings: Sequence[Recording], accuracy: float, seed: int) -> list[Recording]:
+    """A what-if draft in place of the recorded one (`wisp-bench run --draft-accuracy`): at each position of an
+    answer it proposes the target's token with probability ``accuracy``, independently (seeded), else a wrong one,
+    whatever context it drafts from; so a round of n drafts commits 1 + a + ... + a^n tokens on average. Its
+    signals are those of a calibrated draft that knows only its average: ``accuracy`` on its pick, the rest spread
+    over three others; no runner-up (no second guesses). For planning what a better draft would buy, never for
+    the draft's own figures. The chains keep the recorded lengths (a lookup's copies are long) within the answer."""
+    rest = (1.0 - accuracy) / 3
+    entropy = -sum(p * math.log(p) for p in (accuracy, rest, rest, rest) if p > 0)
+    signals = DraftSignals(top1=accuracy, entropy=entropy, margin=accuracy - rest)
+    synthetic = []
+    for index, recording in enumerate(recordings):
+        rng = random.Random(f"{seed}:{index}")
+        answer = recording.answer
+        drafted = [t if rng.random() < accuracy else (t - 1 if t > 0 else 1) for t in answer]
+        lengths = [min(len(chain), len(answer) - i) for i, chain in enumerate(recording.chains)]
+        chains = [[(drafted[i + j], signals) for j in range(n)] for i, n in enumerate(lengths)]
+        synthetic.append(Recording(recording.prompt, answer, chains))
+    return synthetic
 
 
 def recording_key(**settings) -> str:
