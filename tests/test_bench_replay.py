@@ -73,35 +73,38 @@ def test_recordings_survive_the_round_trip_through_their_file(tmp_path):
     assert load_recordings(tmp_path / "r.json") == [RECORDING]
 
 
-@pytest.mark.parametrize("accuracy", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("accuracy", [0.0, 0.1, 0.3, 0.8, 1.0])
 def test_a_synthetic_draft_is_right_at_its_accuracy_and_replays_like_a_recorded_one(accuracy):
     """`wisp-bench run --draft-accuracy`: each position's draft is the target's token at about that share of
     positions, the same from every context (chains agree with each other along the answer), wrong ones are never
-    the target's, signals say the accuracy, and a seed gives the same draft again."""
+    the target's, signals say the accuracy with its pick the likeliest, a seed gives the same draft again, and
+    its chains grow as a recorded drafter's: ``depth`` more after the drafts the answer kept."""
     answer = [(7 * i) % 50 for i in range(3000)]
-    recording = Recording([1, 2, 3], answer, [[] if i == 0 else chain(0, 0, 0, 0) for i in range(2990)])
-    (synthetic,) = synthetic_recordings([recording], accuracy, seed=5)
+    recording = Recording([1, 2, 3], answer, [[] if i == 0 else chain(0) for i in range(2990)])
+    (synthetic,) = synthetic_recordings([recording], accuracy, seed=5, depth=4)
     assert (synthetic.prompt, synthetic.answer) == (recording.prompt, recording.answer)
-    assert [len(c) for c in synthetic.chains] == [len(c) for c in recording.chains]
-    firsts = [c[0][0] for c in synthetic.chains[1:]]
-    right = [token == answer[i] for i, token in enumerate(firsts, start=1)]
-    assert sum(right) / len(right) == pytest.approx(accuracy, abs=0.03)
-    for i, c in enumerate(synthetic.chains[1:-4], start=1):
-        assert [token for token, _ in c] == firsts[i - 1 : i + 3]  # position i + j drafted alike from i and i + j
-        assert all(s.top1 == accuracy and s.runner_up is None for _, s in c)
-    assert synthetic_recordings([recording], accuracy, seed=5) == [synthetic]
+    drafted = {i + j: token for i, c in enumerate(synthetic.chains) for j, (token, _) in enumerate(c)}
+    right = {position: token == answer[position] for position, token in drafted.items()}
+    assert sum(right.values()) / len(right) == pytest.approx(accuracy, abs=0.03)
+    for i, c in enumerate(synthetic.chains):
+        assert [token for token, _ in c] == [drafted[i + j] for j in range(len(c))]  # alike from every context
+        assert all(s.top1 == accuracy and s.margin >= 0 and s.runner_up is None for _, s in c)
+        kept = len(synthetic.chains[i - 1]) - 1 if i > 1 and right[i - 1] else 0
+        assert len(c) == (0 if i == 0 else min(kept + 4, 3000 - i))
+    if accuracy in (0.0, 1.0):  # a wrong draft is never the target's token, a right one always is
+        assert set(right.values()) == {bool(accuracy)}
+    assert all(0 <= t < 50 for t in drafted.values())  # ids the answer's vocabulary has
+    assert synthetic_recordings([recording], accuracy, seed=5, depth=4) == [synthetic]
     if 0 < accuracy < 1:
-        assert synthetic_recordings([recording], accuracy, seed=6) != [synthetic]
+        assert synthetic_recordings([recording], accuracy, seed=6, depth=4) != [synthetic]
     drafter = ReplayDrafter([synthetic], seconds_per_token=0.0)
     drafter.start([1, 2, 3])
     drafter.commit(0, answer[0])
-    assert drafter.draft(4) == firsts[:4]
-    copied = Recording([1], [5, 6, 7], [[], chain(*range(10)), chain(*range(10))])  # a lookup's long copies
-    assert [len(c) for c in synthetic_recordings([copied], accuracy, seed=5)[0].chains] == [0, 2, 1]
+    assert drafter.draft(4) == [drafted[j] for j in range(1, 5)]
 
 
-def test_a_what_if_draft_needs_replayed_devices(tmp_path, capsys):
-    from wisp_bench.cli import main
+def test_a_what_if_draft_needs_replayed_devices_and_says_so_in_every_result(tmp_path, capsys):
+    from wisp_bench.cli import main, main_parser, regime_label
 
     args = ["run", "--devices", "real", "--draft-accuracy", "0.7", "--output-dir", str(tmp_path)]
     assert main(args) == 2
@@ -109,6 +112,9 @@ def test_a_what_if_draft_needs_replayed_devices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--draft-accuracy", "1.5"])
     assert "1.5 is not between 0 and 1" in capsys.readouterr().err
+    what_if = main_parser().parse_args(["run", "--regime", "modeled", "--draft-accuracy", "0.9"])
+    assert "what-if: a synthetic draft right at 90% of positions" in regime_label(what_if)
+    assert "what-if" not in regime_label(main_parser().parse_args(["run", "--regime", "modeled"]))
 
 
 def test_the_emulated_link_delays_every_message_each_way(tiny_pair):

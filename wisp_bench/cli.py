@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return run_validation(args, prompts, prompt_ids, recordings)
         if args.draft_accuracy is not None:
-            recordings = synthetic_recordings(recordings, args.draft_accuracy, args.seed)
+            recordings = synthetic_recordings(recordings, args.draft_accuracy, args.seed, record_settings(args).depth)
         return sweep(args, prompts, prompt_ids, recordings)
     except KeyboardInterrupt:
         print("\nwisp-bench: interrupted", file=sys.stderr)

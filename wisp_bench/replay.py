@@ -73,22 +73,28 @@ def record_chains(make_drafter, prompt: Sequence[int], answer: Sequence[int], fe
     return chains
 
 
-def synthetic_recordings(recordings: Sequence[Recording], accuracy: float, seed: int) -> list[Recording]:
+def synthetic_recordings(recordings: Sequence[Recording], accuracy: float, seed: int, depth: int) -> list[Recording]:
     """A what-if draft in place of the recorded one (`wisp-bench run --draft-accuracy`): at each position of an
     answer it proposes the target's token with probability ``accuracy``, independently (seeded), else a wrong one,
     whatever context it drafts from; so a round of n drafts commits 1 + a + ... + a^n tokens on average. Its
     signals are those of a calibrated draft that knows only its average: ``accuracy`` on its pick, the rest spread
-    over three others; no runner-up (no second guesses). For planning what a better draft would buy, never for
-    the draft's own figures. The chains keep the recorded lengths (a lookup's copies are long) within the answer."""
-    rest = (1.0 - accuracy) / 3
-    entropy = -sum(p * math.log(p) for p in (accuracy, rest, rest, rest) if p > 0)
-    signals = DraftSignals(top1=accuracy, entropy=entropy, margin=accuracy - rest)
+    evenly over others none likelier than it; no runner-up (no second guesses). For planning what a better draft
+    would buy, never for the draft's own figures. Its chains are built as `record_chains` builds the real one's:
+    ``depth`` new drafts at each point, after those of the point before that the answer's token there kept."""
+    others = max(3, math.ceil((1.0 - accuracy) / max(accuracy, 0.01)))
+    rest = (1.0 - accuracy) / others
+    entropy = -sum(p * math.log(p) for p in (accuracy, *[rest] * others) if p > 0)
+    signals = DraftSignals(top1=accuracy, entropy=entropy, margin=max(0.0, accuracy - rest))
     synthetic = []
     for index, recording in enumerate(recordings):
         rng = random.Random(f"{seed}:{index}")
         answer = recording.answer
         drafted = [t if rng.random() < accuracy else (t - 1 if t > 0 else 1) for t in answer]
-        lengths = [min(len(chain), len(answer) - i) for i, chain in enumerate(recording.chains)]
+        lengths, kept = [], 0
+        for i, chain in enumerate(recording.chains):
+            length = 0 if not chain else kept + depth  # none before the first verdict's features, as recorded
+            lengths.append(min(length, len(answer) - i))
+            kept = length - 1 if length and drafted[i] == answer[i] else 0
         chains = [[(drafted[i + j], signals) for j in range(n)] for i, n in enumerate(lengths)]
         synthetic.append(Recording(recording.prompt, answer, chains))
     return synthetic
