@@ -78,9 +78,10 @@ def synthetic_recordings(recordings: Sequence[Recording], accuracy: float, seed:
     answer it proposes the target's token with probability ``accuracy``, independently (seeded), else a wrong one,
     whatever context it drafts from; so a round of n drafts commits 1 + a + ... + a^n tokens on average. Its
     signals are those of a calibrated draft that knows only its average: ``accuracy`` on its pick, the rest spread
-    evenly over others none likelier than it; no runner-up (no second guesses). For planning what a better draft
-    would buy, never for the draft's own figures. Its chains are built as `record_chains` builds the real one's:
-    ``depth`` new drafts at each point, after those of the point before that the answer's token there kept."""
+    evenly over others, none likelier than it from 1% up; no runner-up (no second guesses). For planning what a
+    better draft would buy, never for the draft's own figures. Its chains are built as `record_chains` builds the
+    real one's: ``depth`` new drafts at each point, after those of the point before that the answer's token there
+    kept."""
     others = max(3, math.ceil((1.0 - accuracy) / max(accuracy, 0.01)))
     rest = (1.0 - accuracy) / others
     entropy = -sum(p * math.log(p) for p in (accuracy, *[rest] * others) if p > 0)
