@@ -72,12 +72,12 @@ SOURCES = {  # stage 4's variants: (draft, prompt lookup, suffix index)
 SOURCE_LENGTH = 4  # stage 4's rounds: at most this many drafts
 
 
-def target_answers(args, prompts: list[list[int]], eos: int | None):
+def target_answers(args, prompts: list[list[int]], eos: int | None, engine: str = "vllm"):
     """The target's greedy answers and features, through the engine the server uses."""
     from wisp_common.config import DistillConfig
     from wisp_distill import data
 
-    config = DistillConfig(target_model=args.target_model, engine="vllm", dtype=args.dtype, concurrency=len(prompts))
+    config = DistillConfig(target_model=args.target_model, engine=engine, dtype=args.dtype, concurrency=len(prompts))
     engine = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
     indexed = dict(enumerate(prompts))
     samples = dict(data.answer(engine, indexed, args.answer_tokens, len(prompts), eos))

@@ -21,6 +21,7 @@ EXPECTED = {
     "soak",
     "gpu_calibration",
     "follow_up",
+    "layer_fusion",
 }
 
 

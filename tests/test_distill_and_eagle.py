@@ -9,7 +9,11 @@ greedy output.
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,6 +29,7 @@ from wisp_edge.client import EdgeClient
 from wisp_edge.drafter import DraftSignals, signals_of
 from wisp_edge.eagle import EagleDrafter
 
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m benchmarks.<name>` runs
 VOCAB = 49152  # the SmolLM2 tokenizer's: the tool answers chat prompts
 
 
@@ -310,3 +315,28 @@ def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tok
             assert result.token_ids == reference_greedy(model, prompt, 32)
             accepted += result.stats.accepted
         assert accepted > 0  # the feature path really drafted
+
+
+@pytest.mark.slow  # the benchmark end to end in its own process: answers, the target's layers, two short trainings
+def test_the_layer_fusion_benchmark_trains_both_arms_from_the_same_draft(distilled, tiny_target, tmp_path):
+    """`benchmarks.layer_fusion`: the fused arm starts as the very function of the draft it grows from (its
+    projection starts at zero) and learns to read the other layer; the draft arm has nothing to learn there."""
+    config, _ = distilled
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three."]))
+    command = [sys.executable, "-m", "benchmarks.layer_fusion", "--target-model", tiny_target[1], "--dtype", "float32"]
+    command += ["--draft-model", config.output, "--work-dir", str(data.work_dir(config)), "--engine", "hf"]
+    command += ["--prompts", str(prompts), "--answer-tokens", "8", "--layers", "0", "--steps", "3"]
+    command += ["--batch-tokens", "256", "--eval-fraction", "0.15"]
+    env = {**os.environ, "WISP_BENCH_RESULTS": str(tmp_path / "results")}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads((tmp_path / "results" / "layer_fusion.json").read_text())
+    draft, fused = payload["results"]["draft"], payload["results"]["fused"]
+    assert fused["start"] == draft["start"]
+    assert set(draft["start"]) == {"held_out", "held_out_own", "mt_bench", "mt_bench_own"}
+    assert fused["fusion_weight_norm"] > 0 and draft["fusion_weight_norm"] is None
+    assert payload["feature_bytes_per_position"] == {"draft": 2 * 128, "fused": 2 * 2 * 128}  # hidden 128
+    assert (tmp_path / "results" / "layer_fusion.png").stat().st_size > 1000
+    assert "MT-Bench" in result.stdout
+    assert (data.work_dir(config) / "layers-0.pt").is_file()  # cached for the next run

@@ -115,7 +115,12 @@ class Batch:
 
 
 def make_batches(samples: list[Sample], batch_tokens: int, rng: random.Random) -> list[Batch]:
-    """Samples of similar length together, each batch under ``batch_tokens`` padded positions."""
+    return [collate([samples[i] for i in group]) for group in batch_groups(samples, batch_tokens, rng)]
+
+
+def batch_groups(samples: list[Sample], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """The samples' indices in batches, in ``rng``'s order: samples of similar length together, each batch under
+    ``batch_tokens`` padded positions."""
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].features))
     groups, group = [], []
     for index in order:
@@ -126,7 +131,7 @@ def make_batches(samples: list[Sample], batch_tokens: int, rng: random.Random) -
         group.append(index)
     groups.append(group)
     rng.shuffle(groups)
-    return [collate([samples[i] for i in g]) for g in groups if g]
+    return [g for g in groups if g]
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -256,12 +261,7 @@ def train(config: DistillConfig) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
     batches_per_epoch = len(make_batches(train_set, config.batch_tokens, random.Random(0)))
     total_steps = max(1, int(config.epochs * batches_per_epoch))
-    warmup = min(200, total_steps // 10 + 1)
-
-    def learning_rate(step: int) -> float:  # a fraction of the peak: linear warm-up, then cosine decay
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
+    schedule = warmup_cosine(optimizer, total_steps)
     step = 0
     if state:
         model.load_state_dict(state["model"], strict=False)
@@ -330,6 +330,17 @@ def train(config: DistillConfig) -> None:
             if last:
                 break
         epoch += 1
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate as a fraction of the peak: a linear warm-up over a tenth of the steps (at most 200), then
+    cosine decay to zero at ``total_steps``."""
+    warmup = min(200, total_steps // 10 + 1)
+
+    def fraction(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fraction)
 
 
 def save_checkpoint(path: Path, model, optimizer, schedule, step: int, head_ids, agreement: float) -> None:
