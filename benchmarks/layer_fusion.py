@@ -135,7 +135,7 @@ def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
         "start": dict(zip(MEASURES, start)),
         "end": dict(zip(MEASURES, end)),
         "train_seconds": round(seconds, 1),
-        "fusion_weight_norm": float(fusion.weight.weight.norm()) if fusion else None,
+        "fusion_weight_norm": float(fusion.weight.weight.detach().norm()) if fusion else None,
     }
 
 
