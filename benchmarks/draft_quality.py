@@ -73,14 +73,14 @@ SOURCE_LENGTH = 4  # stage 4's rounds: at most this many drafts
 
 
 def target_answers(args, prompts: list[list[int]], eos: int | None, engine: str = "vllm"):
-    """The target's greedy answers and features, through the engine the server uses."""
+    """The target's greedy answers and features, through the server's ``engine`` (vllm, as the server's default)."""
     from wisp_common.config import DistillConfig
     from wisp_distill import data
 
     config = DistillConfig(target_model=args.target_model, engine=engine, dtype=args.dtype, concurrency=len(prompts))
-    engine = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
+    target = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
     indexed = dict(enumerate(prompts))
-    samples = dict(data.answer(engine, indexed, args.answer_tokens, len(prompts), eos))
+    samples = dict(data.answer(target, indexed, args.answer_tokens, len(prompts), eos))
     return [samples[i] for i in range(len(prompts))]
 
 

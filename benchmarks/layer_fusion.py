@@ -40,11 +40,12 @@ class LayerFusion(nn.Module):
 
     def __init__(self, hidden: int, layers: int):
         super().__init__()
-        self.weight = nn.Linear(layers * hidden, hidden, bias=False)
-        nn.init.zeros_(self.weight.weight)
+        self.project = nn.Linear(layers * hidden, hidden, bias=False)
+        nn.init.zeros_(self.project.weight)
 
-    def forward(self, batch, layers: torch.Tensor):
-        return replace(batch, features=batch.features.float() + self.weight(layers.float()))
+    def forward(self, batch, states: torch.Tensor):
+        """``states``: `collate_states` of the same samples as ``batch``."""
+        return replace(batch, features=batch.features.float() + self.project(states.float()))
 
 
 def rms_normalised(x: torch.Tensor) -> torch.Tensor:
@@ -53,8 +54,10 @@ def rms_normalised(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_states(target, samples, layers: list[int], batch_tokens: int = 4096) -> list[torch.Tensor]:
-    """Per sample, [len - 1, len(layers) * hidden] float16: the outputs of decoder ``layers`` (0-based) at each
-    position that has a feature, teacher-forced along the sample's tokens."""
+    """Per sample, [len - 1, len(layers) * hidden] float16: the outputs of decoder ``layers`` (0-based), each
+    RMS-normalised, at each position that has a feature, teacher-forced along the sample's tokens.
+
+    (transformers' last hidden state is the top layer's output after the final norm: the feature itself.)"""
     from wisp_distill.train import batch_groups
 
     states: dict[int, torch.Tensor] = {}
@@ -80,7 +83,7 @@ def collate_states(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def batches(samples, states, batch_tokens: int, seed: int) -> Iterator[tuple]:
-    """(features batch, layers batch) pairs, as `wisp_distill.train.make_batches` orders them."""
+    """(features batch, layer states batch) pairs, as `wisp_distill.train.make_batches` orders them."""
     from wisp_distill.train import batch_groups, collate
 
     for group in batch_groups(samples, batch_tokens, random.Random(seed)):
@@ -113,12 +116,13 @@ def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
     samples, states = train_set
     feature_std = float(torch.cat([s.features[:64].float() for s in samples[:200]]).std())
     start = agreement(model, fusion, held_out) + agreement(model, fusion, mt_bench)
+    torch.manual_seed(args.seed)  # the same feature noise for both arms (building W drew from the generator)
     started, step, epoch = time.monotonic(), 0, 0
     with tqdm(total=args.steps, desc=f"training {arm}", unit="step", file=sys.stderr) as bar:
         while step < args.steps:
             epoch_batches = batches(samples, states, args.batch_tokens, args.seed + epoch)
-            for batch, layers in islice(epoch_batches, args.steps - step):
-                fed = fusion(batch, layers) if fusion else batch
+            for batch, states in islice(epoch_batches, args.steps - step):
+                fed = fusion(batch, states) if fusion else batch
                 noise = defaults.feature_noise
                 regression, cross_entropy, _ = losses(model, fed, "cpu", noise, feature_std, args.unroll)
                 optimizer.zero_grad()
@@ -135,7 +139,7 @@ def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
         "start": dict(zip(MEASURES, start)),
         "end": dict(zip(MEASURES, end)),
         "train_seconds": round(seconds, 1),
-        "fusion_weight_norm": float(fusion.weight.weight.detach().norm()) if fusion else None,
+        "fusion_weight_norm": float(fusion.project.weight.detach().norm()) if fusion else None,
     }
 
 
@@ -143,7 +147,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layer_fusion", description=__doc__.splitlines()[0])
     add_common_options(parser, draft_model=True, prompts_flag="--prompts", answer_tokens=True)
     parser.add_argument("--work-dir", required=True, help="a wisp-distill work directory with generated answers")
-    parser.add_argument("--layers", type=int, nargs="+", help="0-based decoder layers to fuse (default: 2 and L/2 - 1)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", help="0-based decoder layers whose outputs to fuse (default: 2 and L/2 - 1)"
+    )
     parser.add_argument("--steps", type=int, default=200, help="training steps per arm")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--batch-tokens", type=int, default=2048)
@@ -158,16 +164,17 @@ def main() -> int:
     from wisp_common.models import load_causal_lm, load_tokenizer
     from wisp_common.prompts import encode_prompt, load_prompts
     from wisp_distill.data import load_samples
+    from wisp_distill.train import held_out
 
     target = load_causal_lm(args.target_model).float().eval()
     depth = target.config.num_hidden_layers
     args.layers = args.layers or [2, depth // 2 - 1]
-    if not all(0 <= layer < depth for layer in args.layers):
-        raise SystemExit(f"--layers {args.layers}: the target's decoder layers are 0 to {depth - 1}")
+    if not all(0 <= layer < depth - 1 for layer in args.layers):
+        raise SystemExit(f"--layers {args.layers}: 0 to {depth - 2} (layer {depth - 1}'s output is the feature)")
     samples = load_samples(DistillConfig(target_model=args.target_model, work_dir=args.work_dir))
     cache = Path(args.work_dir) / f"layers-{'-'.join(map(str, args.layers))}.pt"
     states = torch.load(cache) if cache.exists() else []
-    if len(states) != len(samples):
+    if [len(rows) for rows in states] != [len(sample.features) for sample in samples]:  # stale: answered again
         states = layer_states(target, samples, args.layers)
         torch.save(states, cache)
     tokenizer = load_tokenizer(args.target_model)
@@ -175,7 +182,7 @@ def main() -> int:
     print(f"the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr)
     mt_samples = target_answers(args, prompts, tokenizer.eos_token_id, engine=args.engine)
     mt_bench = list(batches(mt_samples, layer_states(target, mt_samples, args.layers), 4096, 0))
-    held = set(random.Random(args.seed).sample(range(len(samples)), max(1, int(len(samples) * args.eval_fraction))))
+    held = held_out(len(samples), args.eval_fraction, args.seed)
     kept = [i for i in range(len(samples)) if i not in held]
     train_set = ([samples[i] for i in kept], [states[i] for i in kept])
     held_out = list(batches([samples[i] for i in sorted(held)], [states[i] for i in sorted(held)], 4096, 0))

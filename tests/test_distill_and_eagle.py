@@ -71,7 +71,7 @@ def distilled(tiny_target, tmp_path_factory):
 def split(config: DistillConfig) -> tuple[list[data.Sample], list[data.Sample]]:
     """The training and held-out answers, as `wisp-distill train` splits them."""
     samples = data.load_samples(config)
-    held = set(random.Random(config.seed).sample(range(len(samples)), int(len(samples) * config.eval_fraction)))
+    held = train.held_out(len(samples), config.eval_fraction, config.seed)
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
@@ -317,10 +317,28 @@ def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tok
         assert accepted > 0  # the feature path really drafted
 
 
+def test_layer_fusion_reads_each_layer_at_the_positions_of_the_features(distilled, tiny_target):
+    """The other layers line up with the features position by position: the top layer's output (the one layer
+    the benchmark refuses to fuse, since transformers gives it after the final norm: the feature itself) is each
+    sample's feature, RMS-normalised, before and after collation."""
+    from benchmarks.layer_fusion import collate_states, layer_states, rms_normalised
+
+    config, _ = distilled
+    model, _ = tiny_target
+    samples = data.load_samples(config)[:8]
+    states = layer_states(model, samples, [1])
+    for sample, rows in zip(samples, states):
+        torch.testing.assert_close(rows.float(), rms_normalised(sample.features.float()), atol=2e-2, rtol=0)
+    batch, collated = train.collate(samples), collate_states(states)
+    assert collated.shape == batch.features.shape
+    expected = rms_normalised(batch.features[batch.mask].float())
+    torch.testing.assert_close(collated[batch.mask].float(), expected, atol=2e-2, rtol=0)
+
+
 @pytest.mark.slow  # the benchmark end to end in its own process: answers, the target's layers, two short trainings
 def test_the_layer_fusion_benchmark_trains_both_arms_from_the_same_draft(distilled, tiny_target, tmp_path):
     """`benchmarks.layer_fusion`: the fused arm starts as the very function of the draft it grows from (its
-    projection starts at zero) and learns to read the other layer; the draft arm has nothing to learn there."""
+    projection starts at zero) and its projection trains; the draft arm has none."""
     config, _ = distilled
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Name a colour.", "Count to three."]))

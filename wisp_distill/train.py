@@ -114,7 +114,13 @@ class Batch:
     mask: torch.Tensor  # [b, n] real positions
 
 
+def held_out(count: int, fraction: float, seed: int) -> set[int]:
+    """The indices of the answers kept out of training to measure agreement on: the same for the same seed."""
+    return set(random.Random(seed).sample(range(count), max(1, int(count * fraction))))
+
+
 def make_batches(samples: list[Sample], batch_tokens: int, rng: random.Random) -> list[Batch]:
+    """`batch_groups`, collated."""
     return [collate([samples[i] for i in group]) for group in batch_groups(samples, batch_tokens, rng)]
 
 
@@ -231,8 +237,7 @@ def train(config: DistillConfig) -> None:
     device = device_of(config)
     torch.manual_seed(config.seed)
     samples = load_samples(config)
-    rng = random.Random(config.seed)
-    held = set(rng.sample(range(len(samples)), max(1, int(len(samples) * config.eval_fraction))))
+    held = held_out(len(samples), config.eval_fraction, config.seed)
     train_set = [s for i, s in enumerate(samples) if i not in held]
     eval_batches = make_batches([samples[i] for i in sorted(held)], config.batch_tokens, random.Random(0))
     checkpoint_path = work_dir(config) / "checkpoint.pt"
