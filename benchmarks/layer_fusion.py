@@ -99,7 +99,7 @@ def agreement(model, fusion: LayerFusion | None, pairs: list[tuple]) -> list[flo
     return evaluate(model, fed, "cpu", 1.0, steps=2)
 
 
-def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
+def train_arm(arm: str, args, train_set, held_out_batches, mt_bench) -> dict:
     from wisp_common.config import DistillConfig
     from wisp_common.eagle import load_eagle_model
     from wisp_common.models import resolve_model
@@ -114,16 +114,16 @@ def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, args.steps)
     samples, states = train_set
+    noise = defaults.feature_noise
     feature_std = float(torch.cat([s.features[:64].float() for s in samples[:200]]).std())
-    start = agreement(model, fusion, held_out) + agreement(model, fusion, mt_bench)
+    start = agreement(model, fusion, held_out_batches) + agreement(model, fusion, mt_bench)
     torch.manual_seed(args.seed)  # the same feature noise for both arms (building W drew from the generator)
     started, step, epoch = time.monotonic(), 0, 0
     with tqdm(total=args.steps, desc=f"training {arm}", unit="step", file=sys.stderr) as bar:
         while step < args.steps:
             epoch_batches = batches(samples, states, args.batch_tokens, args.seed + epoch)
-            for batch, states in islice(epoch_batches, args.steps - step):
-                fed = fusion(batch, states) if fusion else batch
-                noise = defaults.feature_noise
+            for batch, batch_states in islice(epoch_batches, args.steps - step):
+                fed = fusion(batch, batch_states) if fusion else batch
                 regression, cross_entropy, _ = losses(model, fed, "cpu", noise, feature_std, args.unroll)
                 optimizer.zero_grad()
                 (regression + defaults.token_loss_weight * cross_entropy).backward()
@@ -134,7 +134,7 @@ def train_arm(arm: str, args, train_set, held_out, mt_bench) -> dict:
                 bar.update()
             epoch += 1
     seconds = time.monotonic() - started
-    end = agreement(model, fusion, held_out) + agreement(model, fusion, mt_bench)
+    end = agreement(model, fusion, held_out_batches) + agreement(model, fusion, mt_bench)
     return {
         "start": dict(zip(MEASURES, start)),
         "end": dict(zip(MEASURES, end)),
@@ -185,9 +185,9 @@ def main() -> int:
     held = held_out(len(samples), args.eval_fraction, args.seed)
     kept = [i for i in range(len(samples)) if i not in held]
     train_set = ([samples[i] for i in kept], [states[i] for i in kept])
-    held_out = list(batches([samples[i] for i in sorted(held)], [states[i] for i in sorted(held)], 4096, 0))
+    held_out_batches = list(batches([samples[i] for i in sorted(held)], [states[i] for i in sorted(held)], 4096, 0))
 
-    results = {arm: train_arm(arm, args, train_set, held_out, mt_bench) for arm in ARMS}
+    results = {arm: train_arm(arm, args, train_set, held_out_batches, mt_bench) for arm in ARMS}
     hidden = samples[0].features.shape[1]
     rows = [["start", *(results["draft"]["start"][m] for m in MEASURES)]]
     rows += [[f"{arm}, {args.steps} steps", *(results[arm]["end"][m] for m in MEASURES)] for arm in ARMS]

@@ -345,7 +345,7 @@ def test_the_layer_fusion_benchmark_trains_both_arms_from_the_same_draft(distill
     command = [sys.executable, "-m", "benchmarks.layer_fusion", "--target-model", tiny_target[1], "--dtype", "float32"]
     command += ["--draft-model", config.output, "--work-dir", str(data.work_dir(config)), "--engine", "hf"]
     command += ["--prompts", str(prompts), "--answer-tokens", "8", "--layers", "0", "--steps", "3"]
-    command += ["--batch-tokens", "256", "--eval-fraction", "0.15"]
+    command += ["--batch-tokens", "4096", "--eval-fraction", "0.15"]  # two batches an epoch: 3 steps start a second
     env = {**os.environ, "WISP_BENCH_RESULTS": str(tmp_path / "results")}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
