@@ -72,15 +72,18 @@ SOURCES = {  # stage 4's variants: (draft, prompt lookup, suffix index)
 SOURCE_LENGTH = 4  # stage 4's rounds: at most this many drafts
 
 
-def target_answers(args, prompts: list[list[int]], eos: int | None, engine: str = "vllm"):
-    """The target's greedy answers and features, through the server's ``engine`` (vllm, as the server's default)."""
+def target_answers(
+    args, prompts: list[list[int]], eos: int | None, engine: str = "vllm", feature_layers: tuple[int, ...] = ()
+):
+    """The target's greedy answers and features (and ``feature_layers``' outputs), through the server's ``engine``
+    (vllm, as the server's default)."""
     from wisp_common.config import DistillConfig
     from wisp_distill import data
 
     config = DistillConfig(target_model=args.target_model, engine=engine, dtype=args.dtype, concurrency=len(prompts))
     target = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
     indexed = dict(enumerate(prompts))
-    samples = dict(data.answer(target, indexed, args.answer_tokens, len(prompts), eos))
+    samples = dict(data.answer(target, indexed, args.answer_tokens, len(prompts), eos, feature_layers=feature_layers))
     return [samples[i] for i in range(len(prompts))]
 
 
@@ -321,10 +324,13 @@ def cost(args, prompt: list[int], target, draft_model, lookup) -> dict[str, floa
     lookup, and alone), in turns."""
     from transformers import DynamicCache
 
+    from wisp_common.features import feature_rows
     from wisp_edge.eagle import EagleDrafter
 
+    layers = draft_model.feature_layers
     with torch.inference_mode():
-        features = target.model(input_ids=torch.tensor([prompt])).last_hidden_state[0]
+        out = target.model(input_ids=torch.tensor([prompt]), output_hidden_states=bool(layers))
+        features = feature_rows(out.last_hidden_state[0], [h[0] for h in out.hidden_states or ()], layers)
     times: dict[str, list[float]] = {"target": [], "draft": [], "draft_alone": []}
     for _ in range(args.cost_turns):
         cache = DynamicCache()
@@ -441,7 +447,7 @@ def main() -> int:
         print(
             f"1/4 agreement: the target answers {len(prompts)} prompts ({args.answer_tokens} tokens)", file=sys.stderr
         )
-        samples = target_answers(args, prompts, tokenizer.eos_token_id)
+        samples = target_answers(args, prompts, tokenizer.eos_token_id, feature_layers=draft_model.feature_layers)
         rate, own_rate = agreement(draft_model, samples)
         lookup_rate = agreement_with_lookup(draft_model, samples, lookup) if lookup else rate
 
@@ -517,6 +523,9 @@ def main() -> int:
         "tokens_per_second": {name: 1 / s for name, s in seconds.items()},
         "cost_ratio": seconds["draft"] / seconds["target"],
         "cost_ratio_draft_alone": seconds["draft_alone"] / seconds["target"],
+        # what each committed token's verdict carries back for the draft (float16 rows; more with feature layers)
+        "feature_layers": list(draft_model.feature_layers),
+        "feature_bytes_per_token": 2 * draft_model.feature_width,
         "sources": sources,
         "args": vars(args),
     }
@@ -545,6 +554,7 @@ def main() -> int:
             ],
             ["target tokens/s (batch 1, HF)", round(1 / seconds["target"], 1), "", ""],
             ["draft tokens/s (batch 1)", round(1 / seconds["draft"], 1), round(1 / seconds["draft_alone"], 1), ""],
+            ["target features per committed token (bytes)", result["feature_bytes_per_token"], "", ""],
         ],
     )
     print(f"best fixed length: {best:.2f} tokens/round")

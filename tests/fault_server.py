@@ -35,8 +35,9 @@ class FailingEngine(VerificationEngine):
         max_tokens: int,
         features=False,
         known_features=0,
+        feature_layers=(),
     ) -> None:
-        self.engine.add_session(session_id, context, sampling, max_tokens, features, known_features)
+        self.engine.add_session(session_id, context, sampling, max_tokens, features, known_features, feature_layers)
 
     def remove_session(self, session_id: str) -> None:
         self.engine.remove_session(session_id)

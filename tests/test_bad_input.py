@@ -153,6 +153,24 @@ def test_more_known_features_than_context_positions_is_invalid_argument(
     assert_still_serving(good_client, reference)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"return_features": True, "feature_layers": [1]}, "feature_layers [1]: the target's decoder layers below its"),
+        ({"return_features": True, "feature_layers": [0, 0]}, "feature_layers [0, 0]: at most 4 distinct decoder"),
+        ({"feature_layers": [0]}, "feature_layers come with the features: set return_features too"),
+    ],
+)
+def test_feature_layers_the_target_cannot_give_are_invalid_argument(
+    stub, smollm2_tokenizer, good_client, reference, fields, message
+):
+    """The target has 2 decoder layers: layer 1 is its top one, whose output is the feature itself."""
+    error = refusal(stub.Speculate, iter([open_request(smollm2_tokenizer, **fields)]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.details()
+    assert_still_serving(good_client, reference)
+
+
 def test_a_request_that_sets_nothing_is_invalid_argument(stub, smollm2_tokenizer, good_client, reference):
     error = refusal(stub.Speculate, iter([open_request(smollm2_tokenizer), pb.SpeculateRequest()]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -13,6 +13,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from helpers import reference_greedy, running_server, save_with_tokenizer, tiny_
 
 from wisp_common.config import DistillConfig
 from wisp_common.eagle import load_eagle_model
+from wisp_common.features import unit_rms
 from wisp_common.models import load_tokenizer, tokenizer_fingerprint
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 from wisp_distill import cli, data, export, train
@@ -299,9 +301,11 @@ def test_eagle_drafter_keeps_the_features_of_a_conversation_s_earlier_turn(disti
     assert drafter.known_features == 4
 
 
+@pytest.mark.parametrize("draft", ["distilled", "fused"])
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tokenizer, engine):
-    config, _ = distilled
+def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tokenizer, engine, draft, request):
+    """The fused draft asks for the target's layer 0 beside its features: both engines send it."""
+    config = distilled[0] if draft == "distilled" else request.getfixturevalue("fused")
     model, path = tiny_target
     with running_server(path, engine=engine) as server:
         identity = pb.ModelIdentity(name="eagle", tokenizer_fingerprint=tokenizer_fingerprint(smollm2_tokenizer))
@@ -317,22 +321,55 @@ def test_eagle_drafts_over_grpc_are_lossless(distilled, tiny_target, smollm2_tok
         assert accepted > 0  # the feature path really drafted
 
 
-def test_layer_fusion_reads_each_layer_at_the_positions_of_the_features(distilled, tiny_target):
-    """The other layers line up with the features position by position: the top layer's output (the one layer
-    the benchmark refuses to fuse, since transformers gives it after the final norm: the feature itself) is each
-    sample's feature, RMS-normalised, before and after collation."""
-    from benchmarks.layer_fusion import collate_states, layer_states, rms_normalised
+@pytest.fixture(scope="module")
+def fused(distilled, tmp_path_factory) -> DistillConfig:
+    """The distilled draft trained on with the target's decoder layer 0 fused in (`--feature-layers 0`: EAGLE-3's
+    low layer; the tiny target has two), exported."""
+    config, _ = distilled
+    root = tmp_path_factory.mktemp("fused")
+    (root / "work").mkdir()
+    (root / "work" / "data").symlink_to(data.work_dir(config) / "data")
+    options = {"work_dir": str(root / "work"), "output": str(root / "draft"), "init_from": config.output}
+    options |= {"feature_layers": "0", "engine": "hf", "dtype": "float32", "train_dtype": "float32"}
+    options |= {"epochs": 2.0, "batch_tokens": 256, "learning_rate": 5e-3}
+    fused_config = DistillConfig(**{**vars(config), **options})
+    train.train(fused_config)
+    export.export(fused_config)
+    return fused_config
 
+
+def test_a_draft_reads_the_target_s_layers_through_a_fusion_that_starts_at_zero(distilled, fused, tiny_target):
+    """--feature-layers: the layers' rows are the target's own (decoder layer 0's output at unit RMS), at the
+    positions of the features, before and after collation; a fusion added to a draft leaves its predictions as they
+    were, and training moves it; the export records the layers and reloads with them."""
     config, _ = distilled
     model, _ = tiny_target
     samples = data.load_samples(config)[:8]
-    states = layer_states(model, samples, [1])
-    for sample, rows in zip(samples, states):
-        torch.testing.assert_close(rows.float(), rms_normalised(sample.features.float()), atol=2e-2, rtol=0)
-    batch, collated = train.collate(samples), collate_states(states)
-    assert collated.shape == batch.features.shape
-    expected = rms_normalised(batch.features[batch.mask].float())
-    torch.testing.assert_close(collated[batch.mask].float(), expected, atol=2e-2, rtol=0)
+    cached = torch.load(data.layers_cache(fused, (0,)))[:8]
+    for sample, rows in zip(samples, cached):
+        with torch.inference_mode():
+            hidden = model.model(input_ids=sample.tokens[None, :-1].long(), output_hidden_states=True).hidden_states
+        assert rows.shape == sample.features.shape
+        torch.testing.assert_close(rows.float(), unit_rms(hidden[1][0]), atol=2e-2, rtol=0)
+        sample.layers = rows
+    batch = train.collate(samples)
+    plain = train.collate([replace(sample, layers=None) for sample in samples])
+    hidden_size = samples[0].features.shape[1]
+    assert torch.equal(batch.features[..., :hidden_size], plain.features)
+    expected = train.collate([replace(sample, features=sample.layers, layers=None) for sample in samples])
+    assert torch.equal(batch.features[..., hidden_size:], expected.features)
+
+    start = load_eagle_model(config.output)
+    grown = load_eagle_model(config.output)
+    grown.add_feature_layers((0,))
+    inputs = batch.features[:1].float(), batch.tokens[:1]
+    with torch.inference_mode():
+        assert torch.equal(grown(*inputs)[1], start(inputs[0][..., :hidden_size], inputs[1])[1])
+
+    trained = load_eagle_model(fused.output)
+    assert trained.feature_layers == (0,) and trained.feature_width == 2 * hidden_size
+    assert trained.fusion.weight.abs().sum() > 0
+    assert json.loads((Path(fused.output) / "config.json").read_text())["feature_layers"] == [0]
 
 
 @pytest.mark.slow  # the benchmark end to end in its own process: answers, the target's layers, two short trainings

@@ -276,7 +276,7 @@ def server_args(args: argparse.Namespace, configuration: Configuration, load: fl
 def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording]) -> int:
     from tqdm import tqdm
 
-    from wisp_common.eagle import is_eagle_model
+    from wisp_common.eagle import features_read
     from wisp_common.models import resolve_model
     from wisp_edge.controller import AcceptancePredictor
     from wisp_server.launcher import ServerProcess
@@ -290,7 +290,7 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
     draft_path = resolve_model(args.draft_model)
     identity = draft_identity(args.draft_model)
     regime = regime_label(args)
-    wants_features = is_eagle_model(draft_path) and args.regime == "real"
+    features = features_read(draft_path) if args.regime == "real" else None
     real_drafter = None
     if args.devices == "real":
         import torch
@@ -331,7 +331,7 @@ def sweep(args, prompts, prompt_ids: list[list[int]], recordings: list[Recording
                 predictor=AcceptancePredictor.beside(draft_path),
                 draft_tokens=args.draft_tokens,
                 max_new_tokens=args.max_new_tokens,
-                wants_features=wants_features,
+                features=features,
                 seed=args.seed,
                 clock_zero=time.monotonic(),
                 real_drafter=real_drafter,
@@ -437,7 +437,7 @@ def run_validation(args, prompts, prompt_ids: list[list[int]], recordings: list[
 
     from wisp_bench.profiles import profile
     from wisp_bench.validate import validate
-    from wisp_common.eagle import is_eagle_model
+    from wisp_common.eagle import features_read
     from wisp_common.models import resolve_model
     from wisp_edge.controller import AcceptancePredictor
     from wisp_server.launcher import ServerProcess
@@ -458,7 +458,7 @@ def run_validation(args, prompts, prompt_ids: list[list[int]], recordings: list[
             args.draft_tokens,
             args.max_new_tokens,
             profile("laptop").draft_seconds_per_token,  # this host is the laptop profile's
-            is_eagle_model(draft_path),
+            features_read(draft_path),
             Path(workdir),
             edges=args.edges,
         )

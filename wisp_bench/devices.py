@@ -72,7 +72,9 @@ class DeviceRun:
     predictor: AcceptancePredictor | None  # the draft's calibrated controller (adaptive mode)
     draft_tokens: int
     max_new_tokens: int
-    wants_features: bool  # the real draft asks for the target's features (their bytes cross the link)
+    features: (
+        tuple[int, ...] | None
+    )  # the target's features the real draft reads (`features_read`): their bytes cross the link
     seed: int
     clock_zero: float  # the benchmark's time 0 (monotonic)
     # Real devices: a new drafter of the real draft model on this host (`drafter_factory`); None: replayed.
@@ -95,7 +97,7 @@ def run_device(
         if run.real_drafter is not None:
             drafter = run.real_drafter()
         else:
-            drafter = replay_drafter(run.recordings, device.profile.draft_seconds_per_token, run.wants_features)
+            drafter = replay_drafter(run.recordings, device.profile.draft_seconds_per_token, run.features)
         client = edge_client(
             channel,
             drafter,
@@ -134,11 +136,14 @@ def run_device(
         channel.close()
 
 
-def replay_drafter(recordings: list[Recording], seconds_per_token: float, wants_features: bool) -> ReplayDrafter:
+def replay_drafter(
+    recordings: list[Recording], seconds_per_token: float, features: tuple[int, ...] | None
+) -> ReplayDrafter:
     """A device's drafter that replays the recorded drafts at its profile's pace; it asks for the target's
-    features where the real draft would (their bytes cross the link)."""
+    features (and ``features``' layers) where the real draft would (their bytes cross the link)."""
     drafter = ReplayDrafter(recordings, seconds_per_token)
-    drafter.wants_features = wants_features
+    drafter.wants_features = features is not None
+    drafter.feature_layers = features or ()
     return drafter
 
 

@@ -34,8 +34,21 @@ class RecordSettings:
 def cache_path(settings: RecordSettings, prompts: list[list[int]]) -> Path:
     from wisp_common.models import cache_dir
 
-    key = recording_key(settings=vars(settings), prompts=prompts)
+    key = recording_key(settings=vars(settings), prompts=prompts, draft=weights_digest(settings.draft_model))
     return cache_dir().parent / "bench" / f"recordings-{key}.json"
+
+
+def weights_digest(model: str) -> str:
+    """A hash of a model's weight files (a few MB for a draft): a draft retrained under the same name, as the
+    shipped one is, is recorded anew."""
+    import hashlib
+
+    from wisp_common.models import resolve_model
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(resolve_model(model)).glob("*.safetensors")):
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def real_drafters(settings: RecordSettings) -> Callable:
@@ -74,14 +87,15 @@ def record(settings: RecordSettings, prompts: list[list[int]], progress=None) ->
         )
     )
     indexed = dict(enumerate(prompts))
-    samples = dict(answer(engine, indexed, answer_tokens, len(prompts), eos=None))
     make_drafter = real_drafters(settings)
+    layers = make_drafter().feature_layers  # the rows the draft reads come as a session of it gets them
+    samples = dict(answer(engine, indexed, answer_tokens, len(prompts), eos=None, feature_layers=layers))
     recordings = []
     for index, prompt in enumerate(prompts):
         sample = samples[index]
         answer_ids = sample.tokens[len(prompt) :].tolist()
         walked = answer_ids[: settings.max_new_tokens]  # a session never commits past its max_new_tokens
-        chains = record_chains(make_drafter, prompt, walked, sample.features, settings.depth)
+        chains = record_chains(make_drafter, prompt, walked, sample.feature_rows(), settings.depth)
         recordings.append(Recording(list(prompt), answer_ids, chains))
         if progress is not None:
             progress(index + 1, len(prompts))

@@ -92,7 +92,7 @@ def replayed_devices(
     draft_tokens: int,
     max_new_tokens: int,
     seconds_per_token: float,
-    wants_features: bool,
+    features: tuple[int, ...] | None,
     devices: int,
 ) -> list[Answer]:
     """``devices`` replayed devices at once on loopback (no emulated delay), split as `real_edges` splits: adaptive
@@ -102,7 +102,7 @@ def replayed_devices(
     def device(d: int) -> None:
         channel = grpc.insecure_channel(address)
         pipeline = predictor is not None
-        drafter = replay_drafter(recordings, seconds_per_token, wants_features)
+        drafter = replay_drafter(recordings, seconds_per_token, features)
         client = edge_client(channel, drafter, identity, None, predictor, pipeline)
         for i in range(d, len(prompt_ids), devices):
             result = client.generate(prompt_ids[i], max_new_tokens=max_new_tokens, draft_tokens=draft_tokens)
@@ -128,7 +128,7 @@ def validate(
     draft_tokens: int,
     max_new_tokens: int,
     seconds_per_token: float,
-    wants_features: bool,
+    features: tuple[int, ...] | None,
     workdir: Path,
     modes: tuple[str, ...] = ("fixed", "adaptive"),
     edges: int = 2,
@@ -151,7 +151,7 @@ def validate(
             draft_tokens,
             max_new_tokens,
             seconds_per_token,
-            wants_features,
+            features,
             edges,
         )
         comparisons.append(Comparison("adaptive, pipelined" if adaptive else "fixed", real, replayed))

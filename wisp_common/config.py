@@ -289,6 +289,11 @@ class DistillConfig:
         "decoder layers in the draft (0: one, or the --init-from draft's; more than it has are added, starting as "
         "identity)",
     )
+    feature_layers: str = _opt(
+        "",
+        "the target's decoder layers (0-based, comma-separated, e.g. 2,14) the draft reads beside its top one, as "
+        "EAGLE-3 does (none, or the --init-from draft's)",
+    )
     init_from: str = _opt(
         "", "start training from this wisp-distill draft (name or path), e.g. to adapt it to new prompts"
     )

@@ -20,6 +20,13 @@ to read a few rows from it. Beside them it stores its fusion layer, decoder
 layers, a norm, the ids of its head's vocabulary, and in its config the
 fingerprint of the target weights it was trained for
 (`wisp_common.models.target_fingerprint`), which the server checks.
+
+A draft may also read some of the target's lower decoder layers (EAGLE-3: Li
+et al., arXiv 2503.01840, fuses a low, a middle and the top layer). Its
+`feature_layers` name them; the server then appends their outputs, each at
+unit RMS, to every feature row it sends, and the draft adds `fusion` of them
+to the top feature before anything else reads it. The draft's own predicted
+features have no such layers and pass through unchanged.
 """
 
 from __future__ import annotations
@@ -67,8 +74,10 @@ class EagleDraftModel(nn.Module):
         head_ids: torch.Tensor,
         layers: int = 1,
         target_fingerprint: str = "",
+        feature_layers: tuple[int, ...] = (),
     ):
-        """``head_rows``: the target's output head at ``head_ids``, or None where it ties head and embedding."""
+        """``head_rows``: the target's output head at ``head_ids``, or None where it ties head and embedding;
+        ``feature_layers``: the target's decoder layers (0-based) the draft reads beside its last hidden state."""
         super().__init__()
         self.target = target
         self.target_fingerprint = target_fingerprint
@@ -79,6 +88,9 @@ class EagleDraftModel(nn.Module):
         head = embedding[head_ids.long()] if head_rows is None else head_rows
         self.register_buffer("head", head.clone(), persistent=False)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.feature_layers: tuple[int, ...] = ()
+        if feature_layers:
+            self.add_feature_layers(tuple(feature_layers))
         self.decoder_config = dict(decoder)
         # Tokens come in through the target's embedding, so the decoder's own vocabulary is a placeholder.
         special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
@@ -87,6 +99,31 @@ class EagleDraftModel(nn.Module):
     @property
     def layers(self) -> int:
         return len(self.decoder.layers)
+
+    @property
+    def hidden(self) -> int:
+        return self.embed.weight.shape[1]
+
+    @property
+    def feature_width(self) -> int:
+        """The width of a feature row the server sends this draft: the top layer's, then each feature layer's."""
+        return self.hidden * (1 + len(self.feature_layers))
+
+    def add_feature_layers(self, layers: tuple[int, ...]) -> None:
+        """Reads the target's decoder ``layers`` too, through a fusion that starts at zero: the draft predicts
+        exactly what it did without them until training teaches it to use them."""
+        if self.feature_layers:
+            raise ValueError(f"the draft already reads layers {list(self.feature_layers)}")
+        self.feature_layers = tuple(layers)
+        self.fusion = nn.Linear(len(layers) * self.hidden, self.hidden, bias=False)
+        nn.init.zeros_(self.fusion.weight)
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """Rows as the server sends them -> the feature the decoder reads; rows of the top layer alone (the
+        draft's own predictions) pass through."""
+        if features.shape[-1] == self.hidden:
+            return features
+        return features[..., : self.hidden] + self.fusion(features[..., self.hidden :])
 
     def forward(
         self,
@@ -99,7 +136,7 @@ class EagleDraftModel(nn.Module):
         """``features`` [batch, n, hidden] and ``tokens`` [batch, n] -> predicted features and head logits.
 
         ``attention_mask``: None is causal; a boolean [1, 1, n, cached + n] says which keys each query sees."""
-        fused = self.fc(torch.cat([self.embed(tokens), features], dim=-1))
+        fused = self.fc(torch.cat([self.embed(tokens), self.fuse(features)], dim=-1))
         out = self.decoder(
             inputs_embeds=fused,
             position_ids=position_ids,
@@ -122,6 +159,7 @@ class EagleDraftModel(nn.Module):
             "target_fingerprint": self.target_fingerprint,
             "tied_head": self.tied_head,
             "layers": self.layers,
+            "feature_layers": list(self.feature_layers),
             "decoder": self.decoder_config,
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -181,6 +219,14 @@ def trained_for(path: str | Path) -> str:
     return json.loads(config.read_text()).get("target_fingerprint", "") if is_eagle_model(path) else ""
 
 
+def features_read(path: str | Path) -> tuple[int, ...] | None:
+    """What a draft asks the server for: None for a draft that reads no target features, else the decoder layers
+    it reads beside the top one (often none)."""
+    if not is_eagle_model(path):
+        return None
+    return tuple(json.loads((Path(path) / CONFIG_FILE).read_text()).get("feature_layers", ()))
+
+
 def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cpu") -> EagleDraftModel:
     """The draft alone: it carries the target's embedding and head rows, so no target checkpoint is read."""
     from safetensors.torch import load_file
@@ -206,6 +252,7 @@ def load_eagle_model(path: str | Path, dtype: str = "float32", device: str = "cp
         weights["head_ids"],
         config["layers"],
         config["target_fingerprint"],
+        tuple(config.get("feature_layers", ())),
     )
     weights["embed.weight"] = embedding
     try:

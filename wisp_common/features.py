@@ -7,6 +7,19 @@ import torch
 from wisp_common.proto.wisp.v1 import wisp_pb2 as pb
 
 
+def unit_rms(rows: torch.Tensor) -> torch.Tensor:
+    """A decoder layer's output as a feature row carries it (`OpenSession.feature_layers`): each row scaled to unit
+    root mean square. The residual stream grows with depth; this keeps every layer at one scale, and in float16."""
+    rows = rows.float()
+    return rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def feature_rows(last_hidden: torch.Tensor, hidden_states, layers: tuple[int, ...]) -> torch.Tensor:
+    """Rows as a verdict carries them, from transformers' outputs: the last hidden state, then each of decoder
+    ``layers``' outputs at unit RMS (``hidden_states[k + 1]`` is layer k's output)."""
+    return torch.cat([last_hidden.float(), *(unit_rms(hidden_states[k + 1]) for k in layers)], -1)
+
+
 def encode_features(position: int, features: torch.Tensor) -> pb.TargetFeatures:
     rows, dim = features.shape
     data = features.to(torch.float16).contiguous().numpy().tobytes()

@@ -47,6 +47,12 @@ class Sample:
     prompt_len: int
     tokens: torch.Tensor  # int32 [prompt + answer]
     features: torch.Tensor | None  # float16 [prompt + answer - 1, hidden]: the target's feature at each position
+    # float16 [prompt + answer - 1, layers x hidden]: the outputs of the draft's feature layers there (`layer_states`)
+    layers: torch.Tensor | None = None
+
+    def feature_rows(self) -> torch.Tensor:
+        """The features and layers as verdicts carry them (`wisp_common.features.feature_rows`)."""
+        return self.features if self.layers is None else torch.cat([self.features, self.layers], -1)
 
 
 def work_dir(config: DistillConfig) -> Path:
@@ -163,10 +169,12 @@ def answer(
     sampling: SamplingParams = SamplingParams(),
     with_features: bool = True,
     seeds: Mapping[int, int] | None = None,
+    feature_layers: tuple[int, ...] = (),
 ):
     """The target's answers (greedy by default), ``concurrency`` at a time; yields (index, Sample) as they end.
 
-    ``seeds``: a sampling seed per prompt, so that sampled answers are reproducible and differ between prompts.
+    ``seeds``: a sampling seed per prompt, so that sampled answers are reproducible and differ between prompts;
+    ``feature_layers``: decoder layers whose outputs follow each feature row, as a draft reading them gets them.
 
     Every step decodes one token for every running answer (an empty draft), so
     the engine batches them like plain continuous batching.
@@ -179,7 +187,7 @@ def answer(
             while queue and len(active) < concurrency:
                 index = queue.pop(0)
                 params = replace(sampling, seed=seeds[index]) if seeds else sampling
-                engine.add_session(str(index), prompts[index], params, longest, features=with_features)
+                engine.add_session(str(index), prompts[index], params, longest, with_features, 0, feature_layers)
                 active[index] = ([], [])
             indices = list(active)
             for index, verdict in zip(indices, engine.verify([RoundRequest(str(i), ()) for i in indices])):
@@ -191,8 +199,14 @@ def answer(
                     engine.remove_session(str(index))
                     del active[index]
                     prompt = prompts[index]
-                    fed = torch.cat(features) if with_features else None
-                    yield index, Sample(len(prompt), torch.tensor(prompt + tokens, dtype=torch.int32), fed)
+                    ids = torch.tensor(prompt + tokens, dtype=torch.int32)
+                    if not with_features:
+                        yield index, Sample(len(prompt), ids, None)
+                        continue
+                    rows = torch.cat(features)
+                    hidden = rows.shape[1] // (1 + len(feature_layers))
+                    layers = rows[:, hidden:] if feature_layers else None
+                    yield index, Sample(len(prompt), ids, rows[:, :hidden], layers)
     finally:  # a consumer that stops early leaves no session behind in the engine
         for index in active:
             engine.remove_session(str(index))
@@ -252,6 +266,45 @@ def shard_done(data: Path, source: str, shard: int, total: int) -> bool:
     shard it left part-full."""
     path = shard_path(data, source, shard)
     return path.exists() and len(torch.load(path, mmap=True)) == len(_shard_range(shard, total))
+
+
+def layer_states(
+    config: DistillConfig, samples: list[Sample], layers: tuple[int, ...], cache: Path | None = None
+) -> list[torch.Tensor]:
+    """``samples``' `Sample.layers` for decoder ``layers``: the rows the server would send beside each feature,
+    computed by the same engine teacher-forced along each sample (one verification of its text, no drafts).
+
+    ``cache``: a file that keeps them for the next run (the answers need not be generated again to train a draft
+    on other layers); recomputed where its rows do not match the samples'."""
+    from tqdm import tqdm
+
+    states = torch.load(cache) if cache is not None and cache.exists() else []
+    if [len(rows) for rows in states] == [len(sample.features) for sample in samples]:
+        return states
+    engine = target_engine(config, max(len(s.tokens) for s in samples))
+    hidden = samples[0].features.shape[1]
+    computed: list[torch.Tensor] = []
+    with tqdm(total=sum(len(s.features) for s in samples), desc="the target's layers", unit="tok") as bar:
+        for start in range(0, len(samples), config.concurrency):
+            group = range(start, min(start + config.concurrency, len(samples)))
+            for i in group:
+                context = samples[i].tokens[:-1].tolist()
+                engine.add_session(str(i), context, SamplingParams(), len(context) + 1, True, 0, layers)
+            try:
+                verdicts = engine.verify([RoundRequest(str(i), ()) for i in group])
+            finally:
+                for i in group:
+                    engine.remove_session(str(i))
+            computed += [verdict.features[:, hidden:].to(torch.float16) for verdict in verdicts]
+            bar.update(sum(len(samples[i].features) for i in group))
+    if cache is not None:
+        torch.save(computed, cache)
+    return computed
+
+
+def layers_cache(config: DistillConfig, layers: tuple[int, ...]) -> Path:
+    """Where the work directory keeps its answers' `layer_states`."""
+    return work_dir(config) / f"layers-{'-'.join(map(str, layers))}.pt"
 
 
 def load_samples(config: DistillConfig) -> list[Sample]:

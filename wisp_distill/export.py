@@ -22,7 +22,7 @@ def export(config: DistillConfig) -> None:
     if not checkpoint_path.exists():
         raise SystemExit(f"no checkpoint at {checkpoint_path}: run the train stage first")
     state = torch.load(checkpoint_path)
-    model = new_model(config, state["head_ids"], layers_in(state["model"]))
+    model = new_model(config, state["head_ids"], layers_in(state["model"]), tuple(state.get("feature_layers", ())))
     model.load_state_dict(state["model"], strict=False)
     out = Path(config.output)
     model.save(out)

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from wisp_common.config import DistillConfig
 from wisp_common.eagle import EagleDraftModel, decoder_config_of, load_eagle_model, target_output_layers
 from wisp_common.models import load_tokenizer, resolve_dtype, resolve_model, target_fingerprint
-from wisp_distill.data import Progress, Sample, device_of, load_samples, work_dir
+from wisp_distill.data import Progress, Sample, device_of, layer_states, layers_cache, load_samples, work_dir
 
 log = logging.getLogger("wisp_distill")
 
@@ -45,8 +45,19 @@ def head_vocabulary(samples: list[Sample], size: int, vocab: int, keep: torch.Te
     return torch.sort(torch.topk(counts, min(size, vocab)).indices).values
 
 
-def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None = None) -> EagleDraftModel:
-    """The fusion layer starts as identity on the features; decoder layers and norm start as the target's last."""
+def feature_layers_of(config: DistillConfig) -> tuple[int, ...]:
+    """``--feature-layers``, parsed."""
+    try:
+        return tuple(int(layer) for layer in config.feature_layers.split(",") if layer.strip())
+    except ValueError:
+        raise SystemExit(f"--feature-layers {config.feature_layers!r}: 0-based layer numbers, e.g. 2,14") from None
+
+
+def new_model(
+    config: DistillConfig, head_ids: torch.Tensor, layers: int | None = None, feature_layers: tuple[int, ...] = ()
+) -> EagleDraftModel:
+    """The fusion layer starts as identity on the features; decoder layers and norm start as the target's last;
+    the feature layers' fusion, at zero."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -65,6 +76,14 @@ def new_model(config: DistillConfig, head_ids: torch.Tensor, layers: int | None 
         layers,
         target_fingerprint(path),
     )
+    if feature_layers:
+        from wisp_server.engines.base import check_feature_layers
+
+        try:
+            check_feature_layers(feature_layers, target_config.num_hidden_layers)
+        except ValueError as error:
+            raise SystemExit(f"--feature-layers: {error}") from None
+        model.add_feature_layers(feature_layers)
     first = target_config.num_hidden_layers - layers
     state = {}
     for file in sorted(Path(path).glob("*.safetensors")):
@@ -89,6 +108,10 @@ def grown_from(start: EagleDraftModel, model: EagleDraftModel) -> None:
     zeroed), so the grown draft predicts exactly what ``start`` did and training only adds to it."""
     if model.layers < start.layers:
         raise SystemExit(f"--draft-layers {model.layers} is fewer than the {start.layers} of the --init-from draft")
+    if start.feature_layers and start.feature_layers != model.feature_layers:
+        raise SystemExit(
+            f"--feature-layers {list(model.feature_layers)}: the --init-from draft reads {list(start.feature_layers)}"
+        )
     # The embedding stays the target's own: `start` carries a float16 copy of it.
     weights = {k: v for k, v in start.state_dict().items() if k != "embed.weight"}
     unexpected = model.load_state_dict({**weights, "head_ids": model.head_ids}, strict=False).unexpected_keys
@@ -107,7 +130,7 @@ def layers_in(state: dict) -> int:
 
 @dataclass
 class Batch:
-    features: torch.Tensor  # [b, n, h] the target's features at positions 0..n-1
+    features: torch.Tensor  # [b, n, h] the target's features at positions 0..n-1 (wider with `Sample.layers`)
     tokens: torch.Tensor  # [b, n] the token after each position (x_{i+1})
     next_features: torch.Tensor  # [b, n, h] the target's feature one position later (what the draft predicts)
     labels: torch.Tensor  # [b, n] the target's greedy token two positions later; -1 where it is not an answer token
@@ -143,8 +166,9 @@ def batch_groups(samples: list[Sample], batch_tokens: int, rng: random.Random) -
 def collate(samples: list[Sample]) -> Batch:
     n = max(len(s.features) for s in samples) - 1
     hidden = samples[0].features.shape[1]
+    width = hidden + (0 if samples[0].layers is None else samples[0].layers.shape[1])
     batch = Batch(
-        torch.zeros(len(samples), n, hidden, dtype=torch.float16),
+        torch.zeros(len(samples), n, width, dtype=torch.float16),
         torch.zeros(len(samples), n, dtype=torch.long),
         torch.zeros(len(samples), n, hidden, dtype=torch.float16),
         torch.full((len(samples), n), -1, dtype=torch.long),
@@ -152,7 +176,7 @@ def collate(samples: list[Sample]) -> Batch:
     )
     for row, s in enumerate(samples):
         m = len(s.features) - 1  # pairs (f_i, x_{i+1}) whose next feature f_{i+1} is known
-        batch.features[row, :m] = s.features[:m]
+        batch.features[row, :m] = s.feature_rows()[:m]
         batch.tokens[row, :m] = s.tokens[1 : m + 1].long()
         batch.next_features[row, :m] = s.features[1 : m + 1]
         labels = s.tokens[2 : m + 2].long()
@@ -171,7 +195,7 @@ def losses(model: EagleDraftModel, batch: Batch, device: str, noise: float, feat
     Training on them is the training-time test of HASS (Zhang et al., arXiv 2408.15766) and EAGLE-3 (Li et al.,
     arXiv 2503.01840): it teaches the draft to work from its own, drifting, features.
     """
-    features = batch.features.to(device).float()
+    features = model.fuse(batch.features.to(device).float())
     if noise > 0:
         features = features + (torch.rand_like(features) * 2 - 1) * noise * feature_std
     tokens, mask, labels = batch.tokens.to(device), batch.mask.to(device), batch.labels.to(device)
@@ -199,6 +223,7 @@ def unrolled(model: EagleDraftModel, features: torch.Tensor, tokens: torch.Tenso
     steps' keys stay in one cache, so each step costs one pass over the sequence.
     """
     cache = DynamicCache()
+    features = model.fuse(features)  # the draft's own predictions replace the fused feature
     n = tokens.shape[1]
     positions = torch.arange(n, device=tokens.device)[None]
     for step in range(steps):
@@ -238,19 +263,28 @@ def train(config: DistillConfig) -> None:
     torch.manual_seed(config.seed)
     samples = load_samples(config)
     held = held_out(len(samples), config.eval_fraction, config.seed)
-    train_set = [s for i, s in enumerate(samples) if i not in held]
-    eval_batches = make_batches([samples[i] for i in sorted(held)], config.batch_tokens, random.Random(0))
     checkpoint_path = work_dir(config) / "checkpoint.pt"
     vocab = len(load_tokenizer(config.target_model))
     state = torch.load(checkpoint_path) if checkpoint_path.exists() else None
     start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
+    if state:
+        feature_layers = tuple(state.get("feature_layers", ()))
+    else:
+        feature_layers = feature_layers_of(config) or (start.feature_layers if start else ())
+    if feature_layers:
+        for sample, rows in zip(
+            samples, layer_states(config, samples, feature_layers, layers_cache(config, feature_layers))
+        ):
+            sample.layers = rows
+    train_set = [s for i, s in enumerate(samples) if i not in held]
+    eval_batches = make_batches([samples[i] for i in sorted(held)], config.batch_tokens, random.Random(0))
     if state:
         head_ids = state["head_ids"]
     else:  # a start's head is kept when widened to --head-vocab; narrowed, the answers' most common ids stay
         keep = start.head_ids if start and config.head_vocab >= len(start.head_ids) else None
         head_ids = head_vocabulary(train_set, config.head_vocab, vocab, keep=keep)
     layers = layers_in(state["model"]) if state else config.draft_layers or (start.layers if start else 1)
-    model = new_model(config, head_ids, layers).to(device)
+    model = new_model(config, head_ids, layers, feature_layers).to(device)
     if start:
         grown_from(start, model)
         log.info(
@@ -356,6 +390,7 @@ def save_checkpoint(path: Path, model, optimizer, schedule, step: int, head_ids,
         "schedule": schedule.state_dict(),
         "step": step,
         "head_ids": head_ids,
+        "feature_layers": model.feature_layers,
         "agreement": agreement,
     }
     torch.save(state, path.with_suffix(".tmp"))

@@ -336,6 +336,7 @@ class EdgeClient:
                 slo=slo.to_proto(),
                 device=self.device,
                 return_features=self.drafter.wants_features,
+                feature_layers=self.drafter.feature_layers,
                 accept_server_decoding=self.server_decoding,
                 server_paced=self.server_paced(),
             ),

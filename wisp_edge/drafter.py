@@ -72,6 +72,7 @@ def signals_of(logits: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> t
 
 class Drafter(ABC):
     wants_features = False  # whether sessions must ask the server for target features
+    feature_layers: tuple[int, ...] = ()  # the target's decoder layers asked for beside them
 
     def __init__(
         self,

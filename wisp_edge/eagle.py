@@ -38,7 +38,8 @@ class EagleDrafter(Drafter):
         self.device = model.head.device
         super().__init__(sampling, self.device, lookup, suffix, draft_probabilities)
         self.model = model
-        self._features = torch.empty(0, self.model.head.shape[1], device=self.device)  # real, positions 0..n-1
+        self.feature_layers = model.feature_layers
+        self._features = torch.empty(0, model.feature_width, device=self.device)  # real, positions 0..n-1
         self._cache = DynamicCache()
         self._real_entries = 0  # leading cache entries built from real features
         self._entries = 0
@@ -60,6 +61,11 @@ class EagleDrafter(Drafter):
             start = len(self.tokens) - 1 - len(features)  # they end just before the newest committed token
             if not 0 <= start <= len(self._features):
                 raise ValueError(f"features for positions {start}.. do not follow the {len(self._features)} known")
+            if features.shape[1] != self.model.feature_width:  # a server from before OpenSession.feature_layers
+                raise ValueError(
+                    f"the server sent features {features.shape[1]} wide where this draft reads "
+                    f"{self.model.feature_width} (its feature layers {list(self.feature_layers)}): upgrade the server"
+                )
             self._features = torch.cat([self._features[:start], features.to(self._features)])
         if self._entries > self._real_entries:
             crop_cache(self._cache, self._real_entries)

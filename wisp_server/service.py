@@ -482,6 +482,7 @@ class WispService(pb_grpc.WispServicer):
             open_msg.slo,
             features=open_msg.return_features,
             known_features=open_msg.known_features,
+            feature_layers=tuple(open_msg.feature_layers),
         )
         session.accept_server_decoding = open_msg.accept_server_decoding
         session.device_kind = open_msg.device.kind
@@ -500,6 +501,7 @@ class WispService(pb_grpc.WispServicer):
         slo: pb.Slo,
         features: bool = False,
         known_features: int = 0,
+        feature_layers: tuple[int, ...] = (),
     ) -> Session:
         if not prompt:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the prompt is empty; send at least one token")
@@ -514,6 +516,11 @@ class WispService(pb_grpc.WispServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"known_features={known_features} is more than the context's {len(prompt) + len(committed)} "
                 "positions; send how many leading positions' features the edge holds",
+            )
+        if feature_layers and not features:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "feature_layers come with the features: set return_features too, or send no feature_layers",
             )
         prompt, committed = list(prompt), list(committed)
         self._check_token_ids(prompt + committed, "prompt")
@@ -545,7 +552,13 @@ class WispService(pb_grpc.WispServicer):
         max_tokens = min(len(session.context) + session.room, self.config.max_context_tokens)
         try:
             self.engine.add_session(
-                session.session_id, session.context, params, max_tokens, features, known_features if features else 0
+                session.session_id,
+                session.context,
+                params,
+                max_tokens,
+                features,
+                known_features if features else 0,
+                feature_layers,
             )
         except (EngineFull, ValueError) as error:  # full, or a session this engine cannot serve
             with self._lock:

@@ -47,8 +47,9 @@ class RoundVerdict(Verification):
     """A verified round, plus the target's features when the session asked for them.
 
     ``features`` holds the target's last hidden state (after the final norm,
-    what the output head reads) at each context position this round computed
-    and committed, in order: the session's uncached context tokens, then the
+    what the output head reads), followed in each row by the session's feature
+    layers (`wisp_common.features.unit_rms` of their outputs), at each context
+    position this round computed and committed, in order: the session's uncached context tokens, then the
     accepted drafts. A feature-conditioned (EAGLE-style) draft needs them.
     ``reused_tokens`` leading uncached context tokens were found in the
     engine's prefix cache: they were not computed and have no features.
@@ -56,6 +57,20 @@ class RoundVerdict(Verification):
 
     features: torch.Tensor | None = None
     reused_tokens: int = 0
+
+
+MAX_FEATURE_LAYERS = 4  # EAGLE-3 reads two below the top; each costs a verdict as much again as the top layer
+
+
+def check_feature_layers(layers: Sequence[int], depth: int) -> None:
+    """Raises ValueError unless ``layers`` are distinct decoder layers below the top one of a ``depth``-layer
+    target (the top one's output, normed, is the feature itself)."""
+    if len(layers) > MAX_FEATURE_LAYERS or len(set(layers)) != len(layers):
+        raise ValueError(f"feature_layers {list(layers)}: at most {MAX_FEATURE_LAYERS} distinct decoder layers")
+    if not all(0 <= layer < depth - 1 for layer in layers):
+        raise ValueError(
+            f"feature_layers {list(layers)}: the target's decoder layers below its top one are 0 to {depth - 2}"
+        )
 
 
 class EngineFull(Exception):
@@ -84,14 +99,17 @@ class VerificationEngine(ABC):
         max_tokens: int,
         features: bool = False,
         known_features: int = 0,
+        feature_layers: tuple[int, ...] = (),
     ) -> None:
         """Registers a session whose committed context (prompt and generated tokens) is ``context``.
 
         ``max_tokens`` bounds the session's context for its whole life; an engine
         with a bounded KV cache reserves room for it or raises `EngineFull`.
-        With ``features`` each of its verdicts carries the target's features; the
+        With ``features`` each of its verdicts carries the target's features, with
+        the outputs of decoder ``feature_layers`` (0-based) beside them; the
         edge already has those of the first ``known_features`` positions, so an
-        engine with a prefix cache may reuse at most those.
+        engine with a prefix cache may reuse at most those. A session this
+        engine cannot serve raises ValueError.
         """
 
     def kv_cache_usage(self) -> float:

@@ -19,9 +19,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from wisp_common.features import feature_rows
 from wisp_common.request import SamplingParams
 from wisp_common.verification import verify
-from wisp_server.engines.base import EngineInfo, RoundRequest, RoundVerdict, VerificationEngine
+from wisp_server.engines.base import (
+    EngineInfo,
+    RoundRequest,
+    RoundVerdict,
+    VerificationEngine,
+    check_feature_layers,
+)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values of shape [1, heads, tokens, dim]
 
@@ -32,6 +39,7 @@ class _Session:
     generator: torch.Generator | None
     pending: list[int]  # committed tokens whose KV is not cached yet
     features: bool  # whether verdicts carry the target's features
+    feature_layers: tuple[int, ...]  # decoder layers whose outputs follow the last hidden state in each row
     kv: KV | None = None
     cached: int = 0  # tokens in kv
 
@@ -55,9 +63,11 @@ class HFVerificationEngine(VerificationEngine):
         max_tokens: int,
         features: bool = False,
         known_features: int = 0,  # no prefix cache: every position is computed, with its features
+        feature_layers: tuple[int, ...] = (),
     ) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")
+        check_feature_layers(feature_layers, self.model.config.num_hidden_layers)
         generator = None
         if not sampling.greedy:
             generator = torch.Generator(device=self.device)
@@ -66,7 +76,7 @@ class HFVerificationEngine(VerificationEngine):
             else:
                 generator.seed()
         with self._lock:
-            self._sessions[session_id] = _Session(sampling, generator, list(context), features)
+            self._sessions[session_id] = _Session(sampling, generator, list(context), features, tuple(feature_layers))
 
     def remove_session(self, session_id: str) -> None:
         with self._lock:
@@ -100,6 +110,7 @@ class HFVerificationEngine(VerificationEngine):
             position_ids=positions.to(self.device),
             past_key_values=cache,
             use_cache=True,
+            output_hidden_states=any(s.feature_layers for s in sessions),
         )
         # Only the rows at the drafts' positions go through the (large) output head.
         starts = [len(s.pending) - 1 for s in sessions]
@@ -114,7 +125,10 @@ class HFVerificationEngine(VerificationEngine):
             result = verify(logits[offset : offset + n_rows], r.drafts, s.sampling, s.generator, r.proposals)
             offset += n_rows
             keep = len(s.pending) + result.num_accepted  # new tokens whose KV stays valid
-            features = hidden.last_hidden_state[i, :keep].float().clone() if s.features else None
+            features = None
+            if s.features:
+                layers = [] if hidden.hidden_states is None else [h[i, :keep] for h in hidden.hidden_states]
+                features = feature_rows(hidden.last_hidden_state[i, :keep], layers, s.feature_layers)
             s.kv = [
                 (
                     layer.keys[i : i + 1, :, past - s.cached : past + keep].clone(),

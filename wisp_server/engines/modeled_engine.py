@@ -323,6 +323,7 @@ class ModeledVerificationEngine(VerificationEngine):
         max_tokens: int,
         features: bool = False,
         known_features: int = 0,  # it serves no features
+        feature_layers: tuple[int, ...] = (),
     ) -> None:
         if not context:
             raise ValueError("a session needs at least one context token")

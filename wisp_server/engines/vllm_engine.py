@@ -39,7 +39,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from wisp_common.config import ServerConfig
+from wisp_common.features import unit_rms
 from wisp_common.request import SamplingParams
 from wisp_common.verification import DraftDistribution, dense_draft_probs
 from wisp_server.engines.base import (
@@ -49,6 +52,7 @@ from wisp_server.engines.base import (
     RoundRequest,
     RoundVerdict,
     VerificationEngine,
+    check_feature_layers,
 )
 
 log = logging.getLogger(__name__)
@@ -113,7 +117,6 @@ def _patch_cpu_rejection_sampler() -> None:
     per-token temperature, top-k and top-p of speculative steps, which breaks
     every sampled (temperature > 0) verification. Greedy is unaffected.
     """
-    import torch
     from vllm.v1.sample import rejection_sampler
 
     def expand_batch_to_tokens(x, cu_num_tokens, num_tokens, replace_from=0, replace_to=0):
@@ -190,34 +193,59 @@ def _scheduler_class():
 
 
 class FeatureTap:
-    """Keeps, per vLLM request, the hidden-state rows of every step, for the requests in `wanted`.
+    """Keeps, per vLLM request, the feature rows of every step, for the requests in `wanted`.
 
     The model runner lays out a step's tokens request by request in its input
     batch's order; the hidden states it hands the sampler (after the final
-    norm) are sliced the same way.
+    norm) are sliced the same way. A request's feature layers come from vLLM's
+    own EAGLE-3 hook, its auxiliary hidden states (aux index k + 1 is decoder
+    layer k's output), turned on for the union of the layers ever asked for.
     """
 
     def __init__(self, runner) -> None:
         if not hasattr(runner, "execute_model_state"):
             raise RuntimeError("this vLLM's model runner has no execute_model_state; features are not available")
-        self.wanted: set[str] = set()
+        self.runner = runner
+        self.wanted: dict[str, tuple[int, ...]] = {}  # request id -> its feature layers
+        self.aux: tuple[int, ...] = ()  # the aux hidden states the model returns, in vLLM's (sorted) order
         self.rows: dict[str, list] = {}
         sample_tokens = runner.sample_tokens
 
         def tapped(*args, **kwargs):
             state = runner.execute_model_state
             if state is not None and self.wanted:
-                self._capture(runner.input_batch.req_ids, state.scheduler_output, state.hidden_states)
+                self._capture(runner.input_batch.req_ids, state)
             return sample_tokens(*args, **kwargs)
 
         runner.sample_tokens = tapped
 
-    def _capture(self, req_ids, scheduler_output, hidden_states) -> None:
+    def check(self, layers: tuple[int, ...]) -> None:
+        """Raises ValueError where this model cannot return ``layers``' outputs."""
+        from vllm.model_executor.models.interfaces import supports_eagle3
+
+        if layers and not supports_eagle3(self.runner.get_model()):
+            raise ValueError(
+                f"this vLLM does not return {type(self.runner.get_model()).__name__}'s inner layers (no EAGLE-3 "
+                "support): run a draft without feature layers, or the hf engine"
+            )
+
+    def want(self, request_id: str, layers: tuple[int, ...]) -> None:
+        """From the engine thread, between steps: the model's traced graph would not see a change otherwise."""
+        needed = {layer + 1 for layer in layers} - set(self.aux)
+        if needed:
+            self.aux = tuple(sorted(set(self.aux) | needed))
+            self.runner.get_model().set_aux_hidden_state_layers(self.aux)
+            self.runner.use_aux_hidden_state_outputs = True  # the model now returns (hidden, aux)
+        self.wanted[request_id] = layers
+
+    def _capture(self, req_ids, state) -> None:
         offset = 0
         for request_id in req_ids:
-            count = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            count = state.scheduler_output.num_scheduled_tokens.get(request_id, 0)
             if request_id in self.wanted:
-                rows = hidden_states[offset : offset + count].float().clone()
+                span = slice(offset, offset + count)
+                layers = [state.aux_hidden_states[self.aux.index(k + 1)][span] for k in self.wanted[request_id]]
+                rows = torch.cat([state.hidden_states[span].float(), *map(unit_rms, layers)], -1)
                 self.rows.setdefault(request_id, []).append(rows)
             offset += count
 
@@ -250,7 +278,6 @@ class ProposalTap:
         runner.sample_tokens = with_proposals
 
     def _rows(self, logits) -> tuple[list[str], Any]:
-        import torch
 
         request_ids = list(self.plan)
         longest = max(len(drafts) for drafts, _ in self.plan.values())
@@ -334,6 +361,7 @@ class _Session:
     reserved_blocks: int
     features: bool
     known_features: int  # with features: the most prefix-cached positions it may reuse
+    feature_layers: tuple[int, ...]
     request_id: str | None = None  # vLLM's id, once the request is added
 
 
@@ -356,6 +384,7 @@ class VllmVerificationEngine(VerificationEngine):
         cost = {k: v for k, v in keywords.items() if k != "model"}
         self.cost_settings = json.dumps({"vllm": version, **cost}, sort_keys=True, default=str)
         self.max_model_len = keywords["max_model_len"]
+        self.eager = bool(keywords["enforce_eager"])
         self.block_size = keywords["block_size"]
         self.engine = LLMEngine.from_engine_args(EngineArgs(**keywords, scheduler_cls=_scheduler_class()))
         core = self.engine.engine_core.engine_core
@@ -363,6 +392,7 @@ class VllmVerificationEngine(VerificationEngine):
         self.block_hasher = core.request_block_hasher  # None without prefix caching
         runner = _runner(core.model_executor)
         self.tap = None if runner is None else FeatureTap(runner)
+        self.depth = self.engine.model_config.hf_text_config.num_hidden_layers
         self.proposal_tap = None if runner is None else ProposalTap(runner)
         self.total_blocks = self.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
         self._sessions: dict[str, _Session] = {}
@@ -381,6 +411,7 @@ class VllmVerificationEngine(VerificationEngine):
         max_tokens: int,
         features: bool = False,
         known_features: int = 0,
+        feature_layers: tuple[int, ...] = (),
     ) -> None:
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -404,6 +435,14 @@ class VllmVerificationEngine(VerificationEngine):
                     "target features cannot be served with a KV connector (its KV comes without features): run "
                     "without kv_transfer_config, or a draft that is not conditioned on features"
                 )
+            if feature_layers:
+                check_feature_layers(feature_layers, self.depth)
+                self.tap.check(tuple(feature_layers))
+                if not self.eager:
+                    raise ValueError(
+                        "feature layers need vLLM in eager mode (a compiled model would not return them): start "
+                        """the server with --vllm-engine-args '{"enforce_eager": true}'"""
+                    )
             self._reserved += blocks
             params = VllmSamplingParams(
                 temperature=sampling.temperature,
@@ -415,7 +454,9 @@ class VllmVerificationEngine(VerificationEngine):
                 detokenize=False,
                 output_kind=RequestOutputKind.DELTA,
             )
-            self._sessions[session_id] = _Session(list(context), params, blocks, features, known_features)
+            self._sessions[session_id] = _Session(
+                list(context), params, blocks, features, known_features, tuple(feature_layers)
+            )
 
     def remove_session(self, session_id: str) -> None:
         with self._lock:
@@ -465,7 +506,7 @@ class VllmVerificationEngine(VerificationEngine):
             for request_id in aborts:
                 self.scheduler.hit_limits.pop(request_id, None)
                 if self.tap is not None:
-                    self.tap.wanted.discard(request_id)
+                    self.tap.wanted.pop(request_id, None)
                     self.tap.take(request_id)
 
         plan: dict[str, list[int]] = {}
@@ -478,7 +519,7 @@ class VllmVerificationEngine(VerificationEngine):
                 prompt = TokensPrompt(prompt_token_ids=session.context)
                 session.request_id = self.engine.add_request(request.session_id, prompt, session.params)
                 if session.features:
-                    self.tap.wanted.add(session.request_id)
+                    self.tap.want(session.request_id, session.feature_layers)
                     self.scheduler.hit_limits[session.request_id] = session.known_features
                 ids[session.request_id] = request.session_id
                 plan[session.request_id] = []
@@ -526,7 +567,6 @@ class VllmVerificationEngine(VerificationEngine):
         """
         if not session.features:
             return RoundVerdict(num_accepted, next_token, reused_tokens=reused or 0)
-        import torch
 
         steps = self.tap.take(session.request_id)
         features = torch.cat([*steps[:-1], steps[-1][:last_rows]])

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$wisp_common/proto/wisp/v1/wisp.proto\x12\x07wisp.v1\"l\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"S\n\rStopCondition\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"1\n\x03Slo\x12\x14\n\x0cttft_seconds\x18\x01 \x01(\x02\x12\x14\n\x0ctpot_seconds\x18\x02 \x01(\x02\"-\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\xe9\x02\n\x0bOpenSession\x12+\n\x0b\x64raft_model\x18\x01 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x1b\n\x13\x63ommitted_token_ids\x18\x03 \x03(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.wisp.v1.SamplingParams\x12$\n\x04stop\x18\x05 \x01(\x0b\x32\x16.wisp.v1.StopCondition\x12\x19\n\x03slo\x18\x06 \x01(\x0b\x32\x0c.wisp.v1.Slo\x12#\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x13.wisp.v1.DeviceInfo\x12\x17\n\x0freturn_features\x18\x08 \x01(\x08\x12\x1e\n\x16\x61\x63\x63\x65pt_server_decoding\x18\t \x01(\x08\x12\x14\n\x0cserver_paced\x18\n \x01(\x08\x12\x16\n\x0eknown_features\x18\x0b \x01(\r\"\x94\x01\n\nDraftRound\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x38\n\x13\x64raft_probabilities\x18\x04 \x03(\x0b\x32\x1b.wisp.v1.DraftProbabilities\x12\x18\n\x10\x62ranch_token_ids\x18\x05 \x03(\r\"6\n\x12\x44raftProbabilities\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x10SpeculateRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.wisp.v1.OpenSessionH\x00\x12$\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x13.wisp.v1.DraftRoundH\x00\x12&\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x15.wisp.v1.CloseSessionH\x00\x42\x06\n\x04kind\"}\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x0ctarget_model\x18\x02 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\"d\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\"w\n\x05Hints\x12\x1e\n\x16suggested_draft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x19\n\x11\x65st_queue_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x65st_verify_seconds\x18\x04 \x01(\x01\"N\n\x0eTargetFeatures\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0f\n\x07\x66loat16\x18\x04 \x01(\x0c\"\xee\x02\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x17\n\nnext_token\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.wisp.v1.FinishReason\x12\x10\n\x08position\x18\x06 \x01(\r\x12!\n\x07timings\x18\x07 \x01(\x0b\x32\x10.wisp.v1.Timings\x12\x1d\n\x05hints\x18\x08 \x01(\x0b\x32\x0e.wisp.v1.Hints\x12)\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x17.wisp.v1.TargetFeatures\x12\x17\n\x0fserver_decoding\x18\n \x01(\x08\x12\x12\n\nnum_drafts\x18\x0b \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x0c \x03(\r\x12\x0e\n\x06\x62ranch\x18\r \x01(\x08\x42\r\n\x0b_next_token\"j\n\x11SpeculateResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.wisp.v1.SessionOpenedH\x00\x12#\n\x07verdict\x18\x02 \x01(\x0b\x32\x10.wisp.v1.VerdictH\x00\x42\x06\n\x04kind\"\x97\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.wisp.v1.SamplingParams\x12$\n\x04stop\x18\x03 \x01(\x0b\x32\x16.wisp.v1.StopCondition\x12\x19\n\x03slo\x18\x04 \x01(\x0b\x32\x0c.wisp.v1.Slo\"e\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.wisp.v1.FinishReason\"\x16\n\x14GetServerInfoRequest\"\xb7\x01\n\nServerInfo\x12,\n\x0ctarget_model\x18\x01 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd6\x01\n\x04Wisp\x12\x46\n\tSpeculate\x12\x19.wisp.v1.SpeculateRequest\x1a\x1a.wisp.v1.SpeculateResponse(\x01\x30\x01\x12\x41\n\x08Generate\x12\x18.wisp.v1.GenerateRequest\x1a\x19.wisp.v1.GenerateResponse0\x01\x12\x43\n\rGetServerInfo\x12\x1d.wisp.v1.GetServerInfoRequest\x1a\x13.wisp.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$wisp_common/proto/wisp/v1/wisp.proto\x12\x07wisp.v1\"l\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x1a\n\x12target_fingerprint\x18\x04 \x01(\t\"Q\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x0c\n\x04seed\x18\x04 \x01(\x04\"S\n\rStopCondition\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\r\x12\x12\n\nignore_eos\x18\x03 \x01(\x08\"1\n\x03Slo\x12\x14\n\x0cttft_seconds\x18\x01 \x01(\x02\x12\x14\n\x0ctpot_seconds\x18\x02 \x01(\x02\"-\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\x81\x03\n\x0bOpenSession\x12+\n\x0b\x64raft_model\x18\x01 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x1b\n\x13\x63ommitted_token_ids\x18\x03 \x03(\r\x12)\n\x08sampling\x18\x04 \x01(\x0b\x32\x17.wisp.v1.SamplingParams\x12$\n\x04stop\x18\x05 \x01(\x0b\x32\x16.wisp.v1.StopCondition\x12\x19\n\x03slo\x18\x06 \x01(\x0b\x32\x0c.wisp.v1.Slo\x12#\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x13.wisp.v1.DeviceInfo\x12\x17\n\x0freturn_features\x18\x08 \x01(\x08\x12\x1e\n\x16\x61\x63\x63\x65pt_server_decoding\x18\t \x01(\x08\x12\x14\n\x0cserver_paced\x18\n \x01(\x08\x12\x16\n\x0eknown_features\x18\x0b \x01(\r\x12\x16\n\x0e\x66\x65\x61ture_layers\x18\x0c \x03(\r\"\x94\x01\n\nDraftRound\x12\r\n\x05round\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x38\n\x13\x64raft_probabilities\x18\x04 \x03(\x0b\x32\x1b.wisp.v1.DraftProbabilities\x12\x18\n\x10\x62ranch_token_ids\x18\x05 \x03(\r\"6\n\x12\x44raftProbabilities\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"\x0e\n\x0c\x43loseSession\"\x8e\x01\n\x10SpeculateRequest\x12$\n\x04open\x18\x01 \x01(\x0b\x32\x14.wisp.v1.OpenSessionH\x00\x12$\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x13.wisp.v1.DraftRoundH\x00\x12&\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x15.wisp.v1.CloseSessionH\x00\x42\x06\n\x04kind\"}\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x0ctarget_model\x18\x02 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x10\n\x08position\x18\x03 \x01(\r\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\"d\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\"w\n\x05Hints\x12\x1e\n\x16suggested_draft_tokens\x18\x01 \x01(\r\x12\x17\n\x0f\x61\x63tive_sessions\x18\x02 \x01(\r\x12\x19\n\x11\x65st_queue_seconds\x18\x03 \x01(\x01\x12\x1a\n\x12\x65st_verify_seconds\x18\x04 \x01(\x01\"N\n\x0eTargetFeatures\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x0f\n\x07\x66loat16\x18\x04 \x01(\x0c\"\xee\x02\n\x07Verdict\x12\r\n\x05round\x18\x01 \x01(\r\x12\x14\n\x0cnum_accepted\x18\x02 \x01(\r\x12\x17\n\nnext_token\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12,\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x15.wisp.v1.FinishReason\x12\x10\n\x08position\x18\x06 \x01(\r\x12!\n\x07timings\x18\x07 \x01(\x0b\x32\x10.wisp.v1.Timings\x12\x1d\n\x05hints\x18\x08 \x01(\x0b\x32\x0e.wisp.v1.Hints\x12)\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x17.wisp.v1.TargetFeatures\x12\x17\n\x0fserver_decoding\x18\n \x01(\x08\x12\x12\n\nnum_drafts\x18\x0b \x01(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x0c \x03(\r\x12\x0e\n\x06\x62ranch\x18\r \x01(\x08\x42\r\n\x0b_next_token\"j\n\x11SpeculateResponse\x12(\n\x06opened\x18\x01 \x01(\x0b\x32\x16.wisp.v1.SessionOpenedH\x00\x12#\n\x07verdict\x18\x02 \x01(\x0b\x32\x10.wisp.v1.VerdictH\x00\x42\x06\n\x04kind\"\x97\x01\n\x0fGenerateRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12)\n\x08sampling\x18\x02 \x01(\x0b\x32\x17.wisp.v1.SamplingParams\x12$\n\x04stop\x18\x03 \x01(\x0b\x32\x16.wisp.v1.StopCondition\x12\x19\n\x03slo\x18\x04 \x01(\x0b\x32\x0c.wisp.v1.Slo\"e\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.wisp.v1.FinishReason\"\x16\n\x14GetServerInfoRequest\"\xb7\x01\n\nServerInfo\x12,\n\x0ctarget_model\x18\x01 \x01(\x0b\x32\x16.wisp.v1.ModelIdentity\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x18\n\x10max_draft_tokens\x18\x04 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\xd6\x01\n\x04Wisp\x12\x46\n\tSpeculate\x12\x19.wisp.v1.SpeculateRequest\x1a\x1a.wisp.v1.SpeculateResponse(\x01\x30\x01\x12\x41\n\x08Generate\x12\x18.wisp.v1.GenerateRequest\x1a\x19.wisp.v1.GenerateResponse0\x01\x12\x43\n\rGetServerInfo\x12\x1d.wisp.v1.GetServerInfoRequest\x1a\x13.wisp.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wisp_common.proto.wisp.v1.wisp_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2531
-  _globals['_FINISHREASON']._serialized_end=2626
+  _globals['_FINISHREASON']._serialized_start=2555
+  _globals['_FINISHREASON']._serialized_end=2650
   _globals['_MODELIDENTITY']._serialized_start=49
   _globals['_MODELIDENTITY']._serialized_end=157
   _globals['_SAMPLINGPARAMS']._serialized_start=159
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DEVICEINFO']._serialized_start=378
   _globals['_DEVICEINFO']._serialized_end=423
   _globals['_OPENSESSION']._serialized_start=426
-  _globals['_OPENSESSION']._serialized_end=787
-  _globals['_DRAFTROUND']._serialized_start=790
-  _globals['_DRAFTROUND']._serialized_end=938
-  _globals['_DRAFTPROBABILITIES']._serialized_start=940
-  _globals['_DRAFTPROBABILITIES']._serialized_end=994
-  _globals['_CLOSESESSION']._serialized_start=996
-  _globals['_CLOSESESSION']._serialized_end=1010
-  _globals['_SPECULATEREQUEST']._serialized_start=1013
-  _globals['_SPECULATEREQUEST']._serialized_end=1155
-  _globals['_SESSIONOPENED']._serialized_start=1157
-  _globals['_SESSIONOPENED']._serialized_end=1282
-  _globals['_TIMINGS']._serialized_start=1284
-  _globals['_TIMINGS']._serialized_end=1384
-  _globals['_HINTS']._serialized_start=1386
-  _globals['_HINTS']._serialized_end=1505
-  _globals['_TARGETFEATURES']._serialized_start=1507
-  _globals['_TARGETFEATURES']._serialized_end=1585
-  _globals['_VERDICT']._serialized_start=1588
-  _globals['_VERDICT']._serialized_end=1954
-  _globals['_SPECULATERESPONSE']._serialized_start=1956
-  _globals['_SPECULATERESPONSE']._serialized_end=2062
-  _globals['_GENERATEREQUEST']._serialized_start=2065
-  _globals['_GENERATEREQUEST']._serialized_end=2216
-  _globals['_GENERATERESPONSE']._serialized_start=2218
-  _globals['_GENERATERESPONSE']._serialized_end=2319
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2321
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2343
-  _globals['_SERVERINFO']._serialized_start=2346
-  _globals['_SERVERINFO']._serialized_end=2529
-  _globals['_WISP']._serialized_start=2629
-  _globals['_WISP']._serialized_end=2843
+  _globals['_OPENSESSION']._serialized_end=811
+  _globals['_DRAFTROUND']._serialized_start=814
+  _globals['_DRAFTROUND']._serialized_end=962
+  _globals['_DRAFTPROBABILITIES']._serialized_start=964
+  _globals['_DRAFTPROBABILITIES']._serialized_end=1018
+  _globals['_CLOSESESSION']._serialized_start=1020
+  _globals['_CLOSESESSION']._serialized_end=1034
+  _globals['_SPECULATEREQUEST']._serialized_start=1037
+  _globals['_SPECULATEREQUEST']._serialized_end=1179
+  _globals['_SESSIONOPENED']._serialized_start=1181
+  _globals['_SESSIONOPENED']._serialized_end=1306
+  _globals['_TIMINGS']._serialized_start=1308
+  _globals['_TIMINGS']._serialized_end=1408
+  _globals['_HINTS']._serialized_start=1410
+  _globals['_HINTS']._serialized_end=1529
+  _globals['_TARGETFEATURES']._serialized_start=1531
+  _globals['_TARGETFEATURES']._serialized_end=1609
+  _globals['_VERDICT']._serialized_start=1612
+  _globals['_VERDICT']._serialized_end=1978
+  _globals['_SPECULATERESPONSE']._serialized_start=1980
+  _globals['_SPECULATERESPONSE']._serialized_end=2086
+  _globals['_GENERATEREQUEST']._serialized_start=2089
+  _globals['_GENERATEREQUEST']._serialized_end=2240
+  _globals['_GENERATERESPONSE']._serialized_start=2242
+  _globals['_GENERATERESPONSE']._serialized_end=2343
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2345
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2367
+  _globals['_SERVERINFO']._serialized_start=2370
+  _globals['_SERVERINFO']._serialized_end=2553
+  _globals['_WISP']._serialized_start=2653
+  _globals['_WISP']._serialized_end=2867
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device", "return_features", "accept_server_decoding", "server_paced", "known_features")
+    __slots__ = ("draft_model", "prompt_token_ids", "committed_token_ids", "sampling", "stop", "slo", "device", "return_features", "accept_server_decoding", "server_paced", "known_features", "feature_layers")
     DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class OpenSession(_message.Message):
     ACCEPT_SERVER_DECODING_FIELD_NUMBER: _ClassVar[int]
     SERVER_PACED_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     draft_model: ModelIdentity
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     committed_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -90,7 +91,8 @@ class OpenSession(_message.Message):
     accept_server_decoding: bool
     server_paced: bool
     known_features: int
-    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ..., accept_server_decoding: _Optional[bool] = ..., server_paced: _Optional[bool] = ..., known_features: _Optional[int] = ...) -> None: ...
+    feature_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, draft_model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., committed_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Union[StopCondition, _Mapping]] = ..., slo: _Optional[_Union[Slo, _Mapping]] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., return_features: _Optional[bool] = ..., accept_server_decoding: _Optional[bool] = ..., server_paced: _Optional[bool] = ..., known_features: _Optional[int] = ..., feature_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftRound(_message.Message):
     __slots__ = ("round", "position", "token_ids", "draft_probabilities", "branch_token_ids")
