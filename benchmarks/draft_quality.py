@@ -81,7 +81,7 @@ def target_answers(
     from wisp_distill import data
 
     config = DistillConfig(target_model=args.target_model, engine=engine, dtype=args.dtype, concurrency=len(prompts))
-    target = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1)
+    target = data.target_engine(config, max(map(len, prompts)) + args.answer_tokens + 1, feature_layers)
     indexed = dict(enumerate(prompts))
     samples = dict(data.answer(target, indexed, args.answer_tokens, len(prompts), eos, feature_layers=feature_layers))
     return [samples[i] for i in range(len(prompts))]

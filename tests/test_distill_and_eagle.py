@@ -345,7 +345,7 @@ def test_a_draft_reads_the_target_s_layers_through_a_fusion_that_starts_at_zero(
     config, _ = distilled
     model, _ = tiny_target
     samples = data.load_samples(config)[:8]
-    cached = torch.load(data.layers_cache(fused, (0,)))[:8]
+    cached = torch.load(data.layers_cache(fused, (0,)))["rows"][:8]
     for sample, rows in zip(samples, cached):
         with torch.inference_mode():
             hidden = model.model(input_ids=sample.tokens[None, :-1].long(), output_hidden_states=True).hidden_states
@@ -370,6 +370,17 @@ def test_a_draft_reads_the_target_s_layers_through_a_fusion_that_starts_at_zero(
     assert trained.feature_layers == (0,) and trained.feature_width == 2 * hidden_size
     assert trained.fusion.weight.abs().sum() > 0
     assert json.loads((Path(fused.output) / "config.json").read_text())["feature_layers"] == [0]
+
+
+def test_feature_layers_are_checked_before_their_rows_are_computed(distilled):
+    """Layers the target lacks, or that contradict the checkpoint being resumed, stop wisp-distill at once."""
+    config, _ = distilled
+    with pytest.raises(SystemExit, match=r"--feature-layers \[0\]: the checkpoint in the work directory reads none"):
+        train.train(DistillConfig(**{**vars(config), "feature_layers": "0"}))
+    with pytest.raises(SystemExit, match="the target's decoder layers below its top one are 0 to 0"):
+        train.chosen_feature_layers(DistillConfig(**{**vars(config), "feature_layers": "1"}), None, None)
+    with pytest.raises(SystemExit, match="0-based layer numbers"):
+        train.chosen_feature_layers(DistillConfig(**{**vars(config), "feature_layers": "low"}), None, None)
 
 
 @pytest.mark.slow  # the benchmark end to end in its own process: answers, the target's layers, two short trainings

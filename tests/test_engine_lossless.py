@@ -16,6 +16,7 @@ from helpers import assert_greedy_equal, perturbed, reference_greedy, save_with_
 from scipy.stats import chisquare
 
 from wisp_common.config import ServerConfig
+from wisp_common.features import feature_rows
 from wisp_common.request import SamplingParams
 from wisp_common.verification import DraftDistribution
 from wisp_edge.drafter import ModelDrafter
@@ -183,13 +184,15 @@ def test_verdicts_carry_the_target_features_of_every_committed_position(target, 
     """Feature-conditioned drafts need the target's last hidden state at each committed position, exactly.
 
     Rounds cover a prefill, a first round whose drafts are accepted (vLLM's second step), partly
-    rejected drafts and empty rounds; sessions without the option get no features.
+    rejected drafts and empty rounds; sessions without the option get no features. Session "b" also reads
+    decoder layer 0 (a fused draft), in the same batches as "a", which does not.
     """
     model, path = target
     engine = make_engine(backend, model, path)
     prompts = {"a": [5, 6, 7, 8, 9, 10, 11], "b": [3, 1, 4, 1, 5], "plain": [2, 7, 1, 8]}
+    layers = {"a": (), "b": (0,), "plain": ()}
     for sid, prompt in prompts.items():
-        engine.add_session(sid, prompt, SamplingParams(), 64, features=sid != "plain")
+        engine.add_session(sid, prompt, SamplingParams(), 64, sid != "plain", 0, layers[sid])
     reference = {sid: reference_greedy(model, prompt, 24) for sid, prompt in prompts.items()}
     contexts = {sid: list(prompt) for sid, prompt in prompts.items()}
     collected: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
@@ -211,8 +214,10 @@ def test_verdicts_carry_the_target_features_of_every_committed_position(target, 
         features = torch.cat(chunks)
         context = contexts[sid]
         assert context[len(prompts[sid]) :] == reference[sid][: len(context) - len(prompts[sid])]
-        assert features.shape == (len(context) - 1, model.config.hidden_size)  # the last token is not computed yet
-        expected = model.model(input_ids=torch.tensor([context[:-1]])).last_hidden_state[0]
+        width = model.config.hidden_size * (1 + len(layers[sid]))
+        assert features.shape == (len(context) - 1, width)  # the last token is not computed yet
+        out = model.model(input_ids=torch.tensor([context[:-1]]), output_hidden_states=True)
+        expected = feature_rows(out.last_hidden_state[0], [h[0] for h in out.hidden_states], layers[sid])
         torch.testing.assert_close(features, expected, atol=1e-4, rtol=1e-4)
 
 

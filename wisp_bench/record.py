@@ -39,15 +39,16 @@ def cache_path(settings: RecordSettings, prompts: list[list[int]]) -> Path:
 
 
 def weights_digest(model: str) -> str:
-    """A hash of a model's weight files (a few MB for a draft): a draft retrained under the same name, as the
-    shipped one is, is recorded anew."""
+    """A hash of a draft's trained weights and config (tens of MB at most; not the target's embedding it carries):
+    a draft retrained under the same name, as the shipped one is, is recorded anew."""
     import hashlib
 
     from wisp_common.models import resolve_model
 
     digest = hashlib.sha256()
-    for file in sorted(Path(resolve_model(model)).glob("*.safetensors")):
-        digest.update(file.read_bytes())
+    for name in ("config.json", "model.safetensors"):
+        if (Path(resolve_model(model)) / name).is_file():
+            digest.update((Path(resolve_model(model)) / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -69,10 +70,12 @@ def record(settings: RecordSettings, prompts: list[list[int]], progress=None) ->
         log.info("recordings from %s", path)
         return load_recordings(path)
     from wisp_common.config import ServerConfig
-    from wisp_distill.data import answer
+    from wisp_distill.data import answer, eager_args
     from wisp_server.engines.factory import build_engine
 
     started = time.monotonic()
+    make_drafter = real_drafters(settings)
+    layers = make_drafter().feature_layers  # the rows the draft reads come as a session of it gets them
     # The answers run past EOS (as with ignore_eos) so that drafts verified at the very end have a target token.
     answer_tokens = settings.max_new_tokens + settings.depth + 1
     engine = build_engine(
@@ -84,11 +87,10 @@ def record(settings: RecordSettings, prompts: list[list[int]], progress=None) ->
             max_context_tokens=max(map(len, prompts)) + answer_tokens + 1,
             max_batch_tokens=max(4096, max(map(len, prompts)) + 1),
             max_draft_tokens=1,
+            vllm_engine_args=eager_args(layers),
         )
     )
     indexed = dict(enumerate(prompts))
-    make_drafter = real_drafters(settings)
-    layers = make_drafter().feature_layers  # the rows the draft reads come as a session of it gets them
     samples = dict(answer(engine, indexed, answer_tokens, len(prompts), eos=None, feature_layers=layers))
     recordings = []
     for index, prompt in enumerate(prompts):

@@ -115,7 +115,7 @@ class EagleDraftModel(nn.Module):
         if self.feature_layers:
             raise ValueError(f"the draft already reads layers {list(self.feature_layers)}")
         self.feature_layers = tuple(layers)
-        self.fusion = nn.Linear(len(layers) * self.hidden, self.hidden, bias=False)
+        self.fusion = nn.Linear(len(layers) * self.hidden, self.hidden, bias=False).to(self.fc.weight)
         nn.init.zeros_(self.fusion.weight)
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
@@ -123,6 +123,8 @@ class EagleDraftModel(nn.Module):
         draft's own predictions) pass through."""
         if features.shape[-1] == self.hidden:
             return features
+        if features.shape[-1] != self.feature_width:
+            raise ValueError(f"feature rows {features.shape[-1]} wide; this draft reads {self.feature_width}")
         return features[..., : self.hidden] + self.fusion(features[..., self.hidden :])
 
     def forward(

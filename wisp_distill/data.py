@@ -142,8 +142,9 @@ def new_prompt_texts(config: DistillConfig, tokenizer, engine, have: list[str]) 
     return [p for p in load_prompts(config.prompts_file) if not word_ngrams(p, 8) & banned]
 
 
-def target_engine(config: DistillConfig, max_context: int):
-    """WISP's own verification engine for the target, sized to answer ``concurrency`` prompts at once."""
+def target_engine(config: DistillConfig, max_context: int, feature_layers: tuple[int, ...] = ()):
+    """WISP's own verification engine for the target, sized to answer ``concurrency`` prompts at once; able to
+    return ``feature_layers``."""
     return build_engine(
         ServerConfig(
             target_model=config.target_model,
@@ -156,8 +157,15 @@ def target_engine(config: DistillConfig, max_context: int):
             max_batch_tokens=max(4096, max_context),
             max_draft_tokens=1,
             kv_cache_gib=config.kv_cache_gib,
+            vllm_engine_args=eager_args(feature_layers),
         )
     )
+
+
+def eager_args(feature_layers: tuple[int, ...]) -> str:
+    """`ServerConfig.vllm_engine_args` for an engine that returns ``feature_layers``: vLLM returns a model's inner
+    layers only uncompiled (the CPU's default; on a GPU it compiles unless told not to)."""
+    return json.dumps({"enforce_eager": True}) if feature_layers else ""
 
 
 def answer(
@@ -275,22 +283,30 @@ def layer_states(
     computed by the same engine teacher-forced along each sample (one verification of its text, no drafts).
 
     ``cache``: a file that keeps them for the next run (the answers need not be generated again to train a draft
-    on other layers); recomputed where its rows do not match the samples'."""
+    on other layers), with a hash of the target's weights and the samples' tokens: computed again where either
+    changed."""
+    import hashlib
+
     from tqdm import tqdm
 
-    states = torch.load(cache) if cache is not None and cache.exists() else []
-    if [len(rows) for rows in states] == [len(sample.features) for sample in samples]:
-        return states
-    engine = target_engine(config, max(len(s.tokens) for s in samples))
+    from wisp_common.models import resolve_model, target_fingerprint
+
+    key = hashlib.sha256(target_fingerprint(resolve_model(config.target_model)).encode())
+    for sample in samples:
+        key.update(sample.tokens.numpy().tobytes())
+    kept = torch.load(cache) if cache is not None and cache.exists() else {}
+    if isinstance(kept, dict) and kept.get("key") == key.hexdigest():
+        return kept["rows"]
+    engine = target_engine(config, max(len(s.tokens) for s in samples), layers)
     hidden = samples[0].features.shape[1]
     computed: list[torch.Tensor] = []
     with tqdm(total=sum(len(s.features) for s in samples), desc="the target's layers", unit="tok") as bar:
         for start in range(0, len(samples), config.concurrency):
             group = range(start, min(start + config.concurrency, len(samples)))
-            for i in group:
-                context = samples[i].tokens[:-1].tolist()
-                engine.add_session(str(i), context, SamplingParams(), len(context) + 1, True, 0, layers)
             try:
+                for i in group:
+                    context = samples[i].tokens[:-1].tolist()
+                    engine.add_session(str(i), context, SamplingParams(), len(context) + 1, True, 0, layers)
                 verdicts = engine.verify([RoundRequest(str(i), ()) for i in group])
             finally:
                 for i in group:
@@ -298,7 +314,7 @@ def layer_states(
             computed += [verdict.features[:, hidden:].to(torch.float16) for verdict in verdicts]
             bar.update(sum(len(samples[i].features) for i in group))
     if cache is not None:
-        torch.save(computed, cache)
+        torch.save({"key": key.hexdigest(), "rows": computed}, cache)
     return computed
 
 

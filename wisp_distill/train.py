@@ -53,6 +53,26 @@ def feature_layers_of(config: DistillConfig) -> tuple[int, ...]:
         raise SystemExit(f"--feature-layers {config.feature_layers!r}: 0-based layer numbers, e.g. 2,14") from None
 
 
+def chosen_feature_layers(config: DistillConfig, state: dict | None, start: EagleDraftModel | None) -> tuple:
+    """The layers the draft reads: ``--feature-layers``, else a resumed checkpoint's or the --init-from draft's;
+    checked before their rows are computed, and refused where they contradict the checkpoint or the start."""
+    from transformers import AutoConfig
+
+    from wisp_server.engines.base import check_feature_layers
+
+    asked = feature_layers_of(config)
+    kept = tuple(state.get("feature_layers", ())) if state else (start.feature_layers if start else ())
+    if asked and asked != kept and (state is not None or kept):  # a draft without layers may be given some
+        source = "the checkpoint in the work directory" if state else "the --init-from draft"
+        raise SystemExit(f"--feature-layers {list(asked)}: {source} reads {list(kept) or 'none'}")
+    layers = asked or kept
+    try:
+        check_feature_layers(layers, AutoConfig.from_pretrained(resolve_model(config.target_model)).num_hidden_layers)
+    except ValueError as error:
+        raise SystemExit(f"--feature-layers: {error}") from None
+    return layers
+
+
 def new_model(
     config: DistillConfig, head_ids: torch.Tensor, layers: int | None = None, feature_layers: tuple[int, ...] = ()
 ) -> EagleDraftModel:
@@ -77,12 +97,6 @@ def new_model(
         target_fingerprint(path),
     )
     if feature_layers:
-        from wisp_server.engines.base import check_feature_layers
-
-        try:
-            check_feature_layers(feature_layers, target_config.num_hidden_layers)
-        except ValueError as error:
-            raise SystemExit(f"--feature-layers: {error}") from None
         model.add_feature_layers(feature_layers)
     first = target_config.num_hidden_layers - layers
     state = {}
@@ -108,10 +122,6 @@ def grown_from(start: EagleDraftModel, model: EagleDraftModel) -> None:
     zeroed), so the grown draft predicts exactly what ``start`` did and training only adds to it."""
     if model.layers < start.layers:
         raise SystemExit(f"--draft-layers {model.layers} is fewer than the {start.layers} of the --init-from draft")
-    if start.feature_layers and start.feature_layers != model.feature_layers:
-        raise SystemExit(
-            f"--feature-layers {list(model.feature_layers)}: the --init-from draft reads {list(start.feature_layers)}"
-        )
     # The embedding stays the target's own: `start` carries a float16 copy of it.
     weights = {k: v for k, v in start.state_dict().items() if k != "embed.weight"}
     unexpected = model.load_state_dict({**weights, "head_ids": model.head_ids}, strict=False).unexpected_keys
@@ -267,15 +277,12 @@ def train(config: DistillConfig) -> None:
     vocab = len(load_tokenizer(config.target_model))
     state = torch.load(checkpoint_path) if checkpoint_path.exists() else None
     start = load_eagle_model(resolve_model(config.init_from)) if config.init_from and not state else None
-    if state:
-        feature_layers = tuple(state.get("feature_layers", ()))
-    else:
-        feature_layers = feature_layers_of(config) or (start.feature_layers if start else ())
+    feature_layers = chosen_feature_layers(config, state, start)
     if feature_layers:
-        for sample, rows in zip(
-            samples, layer_states(config, samples, feature_layers, layers_cache(config, feature_layers))
-        ):
+        cache = layers_cache(config, feature_layers)
+        for sample, rows in zip(samples, layer_states(config, samples, feature_layers, cache)):
             sample.layers = rows
+        torch.manual_seed(config.seed)  # an engine built for them seeds torch itself (vLLM's worker: with 0)
     train_set = [s for i, s in enumerate(samples) if i not in held]
     eval_batches = make_batches([samples[i] for i in sorted(held)], config.batch_tokens, random.Random(0))
     if state:

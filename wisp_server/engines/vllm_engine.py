@@ -199,7 +199,7 @@ class FeatureTap:
     batch's order; the hidden states it hands the sampler (after the final
     norm) are sliced the same way. A request's feature layers come from vLLM's
     own EAGLE-3 hook, its auxiliary hidden states (aux index k + 1 is decoder
-    layer k's output), turned on for the union of the layers ever asked for.
+    layer k's output), turned on for the layers the open requests ask for.
     """
 
     def __init__(self, runner) -> None:
@@ -221,22 +221,33 @@ class FeatureTap:
 
     def check(self, layers: tuple[int, ...]) -> None:
         """Raises ValueError where this model cannot return ``layers``' outputs."""
-        from vllm.model_executor.models.interfaces import supports_eagle3
+        from vllm.model_executor.models.interfaces import EagleModelMixin, supports_eagle3
 
-        if layers and not supports_eagle3(self.runner.get_model()):
+        model = self.runner.get_model()
+        holder = getattr(model, "model", None)
+        if layers and not (supports_eagle3(model) and isinstance(holder, EagleModelMixin)):
             raise ValueError(
-                f"this vLLM does not return {type(self.runner.get_model()).__name__}'s inner layers (no EAGLE-3 "
-                "support): run a draft without feature layers, or the hf engine"
+                f"this vLLM does not return {type(model).__name__}'s inner layers (no EAGLE-3 support): run a "
+                "draft without feature layers, or the hf engine"
             )
 
     def want(self, request_id: str, layers: tuple[int, ...]) -> None:
         """From the engine thread, between steps: the model's traced graph would not see a change otherwise."""
-        needed = {layer + 1 for layer in layers} - set(self.aux)
-        if needed:
-            self.aux = tuple(sorted(set(self.aux) | needed))
-            self.runner.get_model().set_aux_hidden_state_layers(self.aux)
-            self.runner.use_aux_hidden_state_outputs = True  # the model now returns (hidden, aux)
         self.wanted[request_id] = layers
+        self._retune()
+
+    def release(self, request_id: str) -> None:
+        """The request is gone: its rows are dropped, and the layers no other request reads are no longer kept."""
+        self.wanted.pop(request_id, None)
+        self.rows.pop(request_id, None)
+        self._retune()
+
+    def _retune(self) -> None:
+        aux = tuple(sorted({layer + 1 for layers in self.wanted.values() for layer in layers}))
+        if aux != self.aux:
+            self.aux = aux
+            self.runner.get_model().set_aux_hidden_state_layers(aux)
+            self.runner.use_aux_hidden_state_outputs = bool(aux)  # the model returns (hidden, aux) where aux exist
 
     def _capture(self, req_ids, state) -> None:
         offset = 0
@@ -506,8 +517,7 @@ class VllmVerificationEngine(VerificationEngine):
             for request_id in aborts:
                 self.scheduler.hit_limits.pop(request_id, None)
                 if self.tap is not None:
-                    self.tap.wanted.pop(request_id, None)
-                    self.tap.take(request_id)
+                    self.tap.release(request_id)
 
         plan: dict[str, list[int]] = {}
         proposals: dict[str, tuple[DraftDistribution | None, ...]] = {}
