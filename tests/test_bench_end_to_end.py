@@ -33,6 +33,7 @@ def workload():
 def test_replayed_devices_commit_what_real_edges_commit_in_the_same_rounds(workload, tmp_path):
     from wisp_bench.cli import draft_identity, warm_up
     from wisp_bench.validate import validate
+    from wisp_common.eagle import features_read
     from wisp_common.models import resolve_model
     from wisp_edge.controller import AcceptancePredictor
     from wisp_server.launcher import ServerProcess
@@ -53,7 +54,7 @@ def test_replayed_devices_commit_what_real_edges_commit_in_the_same_rounds(workl
             DRAFTS,
             TOKENS,
             0.0,
-            True,
+            features_read(resolve_model(DEFAULT_DRAFT)),
             tmp_path,
             modes=("fixed",),
         )

@@ -143,7 +143,7 @@ def replay_drafter(
     features (and ``features``' layers) where the real draft would (their bytes cross the link)."""
     drafter = ReplayDrafter(recordings, seconds_per_token)
     drafter.wants_features = features is not None
-    drafter.feature_layers = features or ()
+    drafter.feature_layers = tuple(features or ())
     return drafter
 
 
