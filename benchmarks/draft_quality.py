@@ -324,13 +324,11 @@ def cost(args, prompt: list[int], target, draft_model, lookup) -> dict[str, floa
     lookup, and alone), in turns."""
     from transformers import DynamicCache
 
-    from wisp_common.features import feature_rows
+    from wisp_common.features import computed_feature_rows
     from wisp_edge.eagle import EagleDrafter
 
-    layers = draft_model.feature_layers
     with torch.inference_mode():
-        out = target.model(input_ids=torch.tensor([prompt]), output_hidden_states=bool(layers))
-        features = feature_rows(out.last_hidden_state[0], [h[0] for h in out.hidden_states or ()], layers)
+        features = computed_feature_rows(target, prompt, draft_model.feature_layers)
     times: dict[str, list[float]] = {"target": [], "draft": [], "draft_alone": []}
     for _ in range(args.cost_turns):
         cache = DynamicCache()

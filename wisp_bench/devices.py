@@ -72,9 +72,8 @@ class DeviceRun:
     predictor: AcceptancePredictor | None  # the draft's calibrated controller (adaptive mode)
     draft_tokens: int
     max_new_tokens: int
-    features: (
-        tuple[int, ...] | None
-    )  # the target's features the real draft reads (`features_read`): their bytes cross the link
+    # The target's features the real draft reads (`features_read`): their bytes cross the link.
+    features: tuple[int, ...] | None
     seed: int
     clock_zero: float  # the benchmark's time 0 (monotonic)
     # Real devices: a new drafter of the real draft model on this host (`drafter_factory`); None: replayed.

@@ -250,7 +250,7 @@ def draft_step_times(
     from a server CPU's last-level cache: a laptop's (tens of MiB) cannot hold them, this Xeon's 300 MiB can."""
     import torch
 
-    from wisp_common.features import feature_rows
+    from wisp_common.features import computed_feature_rows
     from wisp_common.models import load_causal_lm, load_tokenizer
 
     with _torch_threads(threads):
@@ -258,10 +258,8 @@ def draft_step_times(
         drafter = make()
         ids = _context_ids(load_tokenizer(draft), context, prompts)
         target = load_causal_lm(drafter.model.target, "float32", "cpu")
-        layers = drafter.model.feature_layers
         with torch.inference_mode():
-            out = target.model(input_ids=torch.tensor([ids]), output_hidden_states=bool(layers))
-            features = feature_rows(out.last_hidden_state[0], [h[0] for h in out.hidden_states or ()], layers)
+            features = computed_feature_rows(target, ids, drafter.model.feature_layers)
         del target
         return _time_drafting(make, ids, features, tokens, turns, evict_mib)
 

@@ -45,10 +45,10 @@ def weights_digest(model: str) -> str:
 
     from wisp_common.models import resolve_model
 
-    digest = hashlib.sha256()
+    path, digest = Path(resolve_model(model)), hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
-        if (Path(resolve_model(model)) / name).is_file():
-            digest.update((Path(resolve_model(model)) / name).read_bytes())
+        if (path / name).is_file():
+            digest.update((path / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

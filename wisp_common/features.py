@@ -20,6 +20,13 @@ def feature_rows(last_hidden: torch.Tensor, hidden_states, layers: tuple[int, ..
     return torch.cat([last_hidden.float(), *(unit_rms(hidden_states[k + 1]) for k in layers)], -1)
 
 
+def computed_feature_rows(model, ids: list[int], layers: tuple[int, ...]) -> torch.Tensor:
+    """The rows verdicts would carry for every position of ``ids``, computed by a transformers causal LM in one
+    pass (call under `torch.inference_mode`)."""
+    out = model.model(input_ids=torch.tensor([ids]), output_hidden_states=bool(layers))
+    return feature_rows(out.last_hidden_state[0], [h[0] for h in out.hidden_states or ()], layers)
+
+
 def encode_features(position: int, features: torch.Tensor) -> pb.TargetFeatures:
     rows, dim = features.shape
     data = features.to(torch.float16).contiguous().numpy().tobytes()
