@@ -297,9 +297,11 @@ def overhead_step_times(
         decoder = dict(real.decoder_config, hidden_size=width, intermediate_size=width, head_dim=8)
         generator = torch.Generator().manual_seed(0)
         embedding = torch.randn(vocab, width, generator=generator)
-        tiny = EagleDraftModel(real.target, decoder, embedding, None, real.head_ids[:64], real.layers).eval()
+        tiny = EagleDraftModel(
+            real.target, decoder, embedding, None, real.head_ids[:64], real.layers, feature_layers=real.feature_layers
+        ).eval()  # a fused draft's rows are wider: its fusion is part of each commit's cost
         ids = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        features = torch.randn(context, width, generator=generator)
+        features = torch.randn(context, tiny.feature_width, generator=generator)
         times = _time_drafting(lambda: EagleDrafter(tiny), ids, features, tokens, turns)
         drafter = EagleDrafter(tiny)
         drafter.start(ids[:-1])
