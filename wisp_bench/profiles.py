@@ -146,7 +146,10 @@ class DraftCost:
 
 
 def draft_cost(draft: str | Path = DEFAULT_DRAFT) -> DraftCost:
-    """The cost per token of an EAGLE-style draft (`wisp_common.eagle`), from its config and weights' header only."""
+    """The cost per token of an EAGLE-style draft (`wisp_common.eagle`), from its config and weights' header only.
+
+    A fused draft's fusion of the target's layers (`EagleDraftModel.fuse`) runs once per verdict, over the
+    committed rows, not once per step: amortized over a round of 4 drafts, about 1% of a step's reads; left out."""
     from wisp_common.models import resolve_model
 
     path = Path(resolve_model(str(draft)))
