@@ -210,6 +210,21 @@ def test_the_target_writes_its_own_training_prompts(tmp_path):
     assert len(data.load_samples(DistillConfig(work_dir=str(again)))) == 9  # the part-full shard was refilled
 
 
+def test_prompts_sharing_8_words_with_any_excluded_file_are_left_out(tmp_path):
+    """Evaluation sets stay out of training: the shipped MT-Bench and beyond-chat prompts, named together."""
+    from wisp_bench import BEYOND_CHAT, MT_BENCH
+    from wisp_common.prompts import load_prompts
+
+    evaluation = load_prompts(MT_BENCH)[:2] + load_prompts(BEYOND_CHAT)[:2]
+    own = ["Write a haiku about the sea at night, please.", "Name three prime numbers below twenty."]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [evaluation[0], own[0], evaluation[3], own[1]]))
+    config = DistillConfig(prompts_file=str(mixed), exclude_file=f"{MT_BENCH}, {BEYOND_CHAT}")
+    assert data.new_prompt_texts(config, None, None, []) == own
+    alone = replace(config, exclude_file=str(MT_BENCH))  # one file: the other set's prompts get through
+    assert data.new_prompt_texts(alone, None, None, []) == [own[0], evaluation[3], own[1]]
+
+
 @pytest.mark.parametrize("apply", ["commit", "advance"])
 def test_eagle_drafter_cache_matches_a_fresh_computation(distilled, tiny_target, apply):
     """After verdicts that accept, reject and keep pipelined drafts, the next drafts are what a drafter

@@ -276,7 +276,9 @@ class DistillConfig:
     task_openings: bool = _opt(
         True, "self-written prompts start with a task's opening words (Write a, Solve, ...), for a mix of tasks"
     )
-    exclude_file: str = _opt("", "prompts to keep out of training, e.g. an evaluation set (8-word overlap)")
+    exclude_file: str = _opt(
+        "", "prompts to keep out of training, e.g. evaluation sets (8-word overlap); several files comma-separated"
+    )
     num_prompts: int = _opt(4000, "prompts to answer")
     max_answer_tokens: int = _opt(256, "tokens per answer at most")
     concurrency: int = _opt(48, "answers generated at once")

@@ -90,7 +90,8 @@ def prompt_source(config: DistillConfig) -> str:
 
 
 def excluded_texts(config: DistillConfig) -> list[str]:
-    return load_prompts(config.exclude_file) if config.exclude_file else []
+    """Every prompt of every ``--exclude-file`` (comma-separated): no training prompt may share 8 words with one."""
+    return [text for path in config.exclude_file.split(",") if path.strip() for text in load_prompts(path.strip())]
 
 
 def pre_query_ids(tokenizer) -> list[int]:
